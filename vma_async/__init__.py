@@ -1,0 +1,39 @@
+"""vma_async: read and write Proxmox VE VMA backup archives from async Python.
+
+Layers, bottom to top (see ``docs/architecture.md``):
+
+* ``_format``: constants and header codecs, sans-I/O;
+* the async writer and reader, built on anyio so they run under asyncio,
+  uvloop and trio;
+* targets (where an archive goes), sources and sinks (where it comes from
+  and where restored devices go);
+* the ``vma`` command line.
+"""
+
+from ._errors import *  # noqa: F403
+from ._errors import __all__ as _error_names
+from ._format import (
+    BLOCK_SIZE,
+    CLUSTER_SIZE,
+    EXTENT_HEADER_SIZE,
+    MAX_EXTENT_SIZE,
+    ArchiveHeader,
+    ClusterEntry,
+    DeviceInfo,
+    ExtentHeader,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_SIZE",
+    "CLUSTER_SIZE",
+    "EXTENT_HEADER_SIZE",
+    "MAX_EXTENT_SIZE",
+    "ArchiveHeader",
+    "ClusterEntry",
+    "DeviceInfo",
+    "ExtentHeader",
+    "__version__",
+    *_error_names,
+]

@@ -336,9 +336,15 @@ def encode_header(
         if not 1 <= dev_id < DEVICE_SLOTS:
             raise ValueError(f"dev_id {dev_id} out of range 1..255")
         name_ptr = table.add(encode_name(name))
-        _DEV_INFO.pack_into(buf, _DEV_INFO_OFFSET + _DEV_INFO.size * dev_id, name_ptr, 0, size, 0, 0)
+        _DEV_INFO.pack_into(
+            buf, _DEV_INFO_OFFSET + _DEV_INFO.size * dev_id, name_ptr, 0, size, 0, 0
+        )
 
-    header_size = HEADER_FIXED_SIZE + table.allocated
+    # With no configs and no devices the reference writer leaves the table
+    # empty, so header_size == 12288, which its own reader rejects ("wrong vma
+    # header size").  One zeroed 512-byte step keeps such an archive readable.
+    table_bytes = table.to_bytes() or bytes(HEADER_ALIGNMENT)
+    header_size = HEADER_FIXED_SIZE + len(table_bytes)
     if header_size > MAX_HEADER_SIZE:
         raise BlobTooLargeError(
             f"header of {header_size} bytes exceeds the {MAX_HEADER_SIZE}-byte maximum"
@@ -347,7 +353,7 @@ def encode_header(
         buf, 0, VMA_MAGIC, 1, uuid_bytes, ctime, _ZERO_MD5,
         HEADER_FIXED_SIZE, table.used, header_size,
     )  # fmt: skip
-    buf += table.to_bytes()
+    buf += table_bytes
     buf[_MD5_SLICE] = _md5(buf)
     return bytes(buf)
 
@@ -381,9 +387,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> ArchiveHeader:
     """
     header_size = header_size_from_prefix(data)
     if len(data) < header_size:
-        raise HeaderSizeError(
-            f"header needs {header_size} bytes but only {len(data)} were given"
-        )
+        raise HeaderSizeError(f"header needs {header_size} bytes but only {len(data)} were given")
     raw = bytearray(data[:header_size])
     stored_md5 = bytes(raw[_MD5_SLICE])
     raw[_MD5_SLICE] = _ZERO_MD5
@@ -402,7 +406,9 @@ def decode_header(data: bytes | bytearray | memoryview) -> ArchiveHeader:
 
     devices = []
     for dev_id in range(1, DEVICE_SLOTS):
-        name_ptr, _, size, _, _ = _DEV_INFO.unpack_from(raw, _DEV_INFO_OFFSET + _DEV_INFO.size * dev_id)
+        name_ptr, _, size, _, _ = _DEV_INFO.unpack_from(
+            raw, _DEV_INFO_OFFSET + _DEV_INFO.size * dev_id
+        )
         name = _blob_string(blobs, name_ptr)
         if size and name is not None:
             devices.append(DeviceInfo(dev_id, name, size))
@@ -455,7 +461,9 @@ def encode_extent_header(
     if block_count is None:
         block_count = sum((word >> 48).bit_count() for word in blockinfo)
     words = list(blockinfo) + [0] * (MAX_CLUSTERS_PER_EXTENT - len(blockinfo))
-    buf = bytearray(_EXTENT_HEADER.pack(EXTENT_MAGIC, 0, block_count, uuid_bytes, _ZERO_MD5, *words))
+    buf = bytearray(
+        _EXTENT_HEADER.pack(EXTENT_MAGIC, 0, block_count, uuid_bytes, _ZERO_MD5, *words)
+    )
     buf[_EXTENT_MD5_SLICE] = _md5(buf)
     return bytes(buf)
 

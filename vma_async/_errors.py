@@ -50,6 +50,7 @@ __all__ = [
     "InvalidStreamError",
     "BlockBeyondEndError",
     "UnsafeNameError",
+    "RestoreMapError",
 ]
 
 
@@ -209,3 +210,8 @@ class DeviceSizeError(SinkError):
 
 class UnsafeNameError(VmaError):
     """A config or device name from the archive cannot be used as a file name."""
+
+
+class RestoreMapError(VmaError):
+    """A restore map (``vma extract -r``) line is malformed or names an
+    unsupported format, cache mode or throttle limit, or a device has no line."""

@@ -1,0 +1,152 @@
+"""The reference tool's restore map (``vma extract -r MAP``), parsed sans-I/O.
+
+Proxmox VE's ``qmrestore`` writes this map into a FIFO, one device a line,
+and ends it with ``done`` or an empty line (it may keep the FIFO open after
+that, so the reader must stop at the terminator, not wait for end of file)::
+
+    [format=F:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:DEVNAME=PATH
+
+The option prefixes may come in any order, each at most once.  ``0:`` restores
+without writing zero blocks (the target already reads back zeros), ``1:``
+writes them.  The parser keeps the reference's messages word for word, so an
+operator who knows ``vma`` recognises them; what the reference leaves to QEMU's
+block layer (formats, cache modes, throttle limits) is checked here too, with
+the messages QEMU would give.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ._errors import RestoreMapError
+
+__all__ = [
+    "CACHE_MODES",
+    "MAX_THROTTLE_BPS",
+    "SUPPORTED_FORMATS",
+    "RestoreMapEntry",
+    "map_is_complete",
+    "parse_restore_map",
+]
+
+CACHE_MODES = frozenset({"none", "off", "writeback", "writethrough", "directsync", "unsafe"})
+"""What QEMU's ``bdrv_parse_cache_mode`` accepts, and so what the reference does."""
+
+MAX_THROTTLE_BPS = 10**15
+"""QEMU's ``THROTTLE_VALUE_MAX``: a larger limit is refused by ``throttle_is_valid``."""
+
+SUPPORTED_FORMATS = frozenset({"raw"})
+
+_OPTIONS = ("format", "throttling.bps", "throttling.group", "cache")
+_UNSIGNED = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreMapEntry:
+    """Where one device of the archive goes, and how it is written there."""
+
+    devname: str
+    path: str
+    write_zeroes: bool
+    format: str | None = None
+    throttling_bps: int = 0
+    throttling_group: str | None = None
+    cache: str | None = None
+
+    @property
+    def throttle_key(self) -> str:
+        """The throttle group this target belongs to: QEMU puts a device with a
+        limit but no group name in a group of its own, named after its path."""
+        return self.throttling_group if self.throttling_group is not None else self.path
+
+
+def _parse_number(text: str) -> int:
+    """``qemu_strtou64(text, base 0)`` with the whole text required: decimal,
+    ``0x`` hex or leading-zero octal, no sign, no spaces, no underscores."""
+    if not _UNSIGNED.fullmatch(text):
+        raise RestoreMapError(f"read map failed - not a number: {text}")
+    if text[:2] in ("0x", "0X"):
+        return int(text[2:], 16)
+    if text.startswith("0"):
+        return int(text, 8)
+    return int(text)
+
+
+def _parse_line(line: str) -> RestoreMapEntry:
+    options: dict[str, str] = {}
+    rest = line
+    matched = True
+    while matched:
+        matched = False
+        for name in _OPTIONS:
+            if not rest.startswith(name + "="):
+                continue
+            if name in options:
+                raise RestoreMapError(f"read map failed - duplicate value for option '{name}'")
+            value, colon, after = rest[len(name) + 1 :].partition(":")
+            if not colon:
+                raise RestoreMapError(
+                    f"read map failed - option '{name}' not terminated ('{line}')"
+                )
+            options[name] = value
+            rest = after
+            matched = True
+
+    bps = _parse_number(options["throttling.bps"]) if "throttling.bps" in options else 0
+    if rest[:2] not in ("0:", "1:"):
+        raise RestoreMapError(f"read map failed - parse error ('{line}')")
+    devname, equals, path = rest[2:].partition("=")
+    if not equals:
+        raise RestoreMapError(f"read map failed - no dev name specified ('{line}')")
+
+    fmt = options.get("format")
+    if fmt is not None and fmt not in SUPPORTED_FORMATS:
+        raise RestoreMapError(
+            f"unsupported format '{fmt}' for {devname}: only raw images can be restored"
+        )
+    cache = options.get("cache")
+    if cache is not None and cache not in CACHE_MODES:
+        raise RestoreMapError(f"invalid cache option: {cache}")
+    if bps > MAX_THROTTLE_BPS:
+        raise RestoreMapError(
+            f"failed to apply throttling - bps must be within [0, {MAX_THROTTLE_BPS}]"
+        )
+    return RestoreMapEntry(
+        devname=devname,
+        path=path,
+        write_zeroes=rest[0] == "1",
+        format=fmt,
+        throttling_bps=bps,
+        throttling_group=options.get("throttling.group"),
+        cache=cache,
+    )
+
+
+def parse_restore_map(lines: Iterable[str]) -> dict[str, RestoreMapEntry]:
+    """Entries by device name, read up to ``done``, an empty line or the end.
+
+    ``lines`` may keep their line endings.  A later line for the same device
+    replaces an earlier one, as in the reference (a hash table insert).  Unlike
+    the reference, a final ``done`` without a newline also ends the map.
+    """
+    entries: dict[str, RestoreMapEntry] = {}
+    for raw in lines:
+        line = raw[:-1] if raw.endswith("\n") else raw
+        if line in ("", "done"):
+            break
+        entry = _parse_line(line)
+        entries[entry.devname] = entry
+    return entries
+
+
+def map_is_complete(text: str) -> bool:
+    """Whether ``text`` already holds the map's terminator, so a reader of a
+    FIFO can stop without waiting for the writer to close it."""
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            return False
+        if line in ("\n", "done\n"):
+            return True
+    return False

@@ -173,6 +173,15 @@ class ClusterRangeError(WriterUsageError):
     """A cluster number ≥ 2**32, past the device's end, or out of vmstate order."""
 
 
+class ClusterSizeError(WriterUsageError):
+    """Data for one cluster is longer than 64 KiB (shorter is zero-padded)."""
+
+
+class WriterAbortedError(VmaError):
+    """The archive was aborted (a producer failed, or the writer was cancelled);
+    ``__cause__`` holds the reason.  It is the writer's sticky error."""
+
+
 class OpenStreamError(WriterUsageError):
     """:meth:`VmaWriter.close` was called while a stream is still open."""
 

@@ -1,0 +1,386 @@
+"""Where an archive goes: a new file, a FIFO, an open fd, or an ``exec:`` command.
+
+The writer hands a target whole extents (and the header), one call at a time
+and in order, from page-aligned buffers whose lengths are multiples of 512.  A
+target's job is to move those bytes without blocking the event loop:
+
+* regular files are written by a worker thread (``anyio.to_thread``), one
+  extent (up to 3.7 MiB) per call, so the loop only pays a thread hand-off;
+* pipes, FIFOs and sockets are made non-blocking and written with ``os.write``,
+  awaiting ``anyio.wait_writable(fd)`` when the reader is behind: this is where
+  the writer's backpressure starts.
+
+Every target has the same three-step life: ``open()``, ``write()`` any number
+of times, then exactly one of ``close()`` (finish; an ``exec:`` command's exit
+status is checked here) or ``abort()`` (never raises: removes a file the
+target created, terminates and reaps a child, closes every fd it opened).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+
+import anyio
+import anyio.lowlevel
+
+from ._errors import CommandFailedError, TargetError, TargetExistsError
+
+EXEC_PREFIX = "exec:"
+_FIFO_RETRY_MAX_DELAY = 0.05
+_PIPE_CAPACITY = 1 << 20
+"""Asked of the kernel (F_SETPIPE_SZ) for pipes we create: fewer wake-ups per extent."""
+
+
+def _write_error(exc: OSError) -> TargetError:
+    return TargetError(f"vma_queue_write: write error - {exc.strerror or exc}")
+
+
+class Target(abc.ABC):
+    """An archive's destination; the writer drives it, one call at a time."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Acquire the destination (create the file, start the command, ...)."""
+
+    @abc.abstractmethod
+    async def write(self, data: memoryview) -> None:
+        """Write all of ``data`` (a 512-multiple from a page-aligned buffer)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish successfully: release the destination, report what failed."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Undo: remove what was created, end any child, close fds.  Never raises."""
+
+
+# --- writing an fd ---------------------------------------------------------------
+
+
+def _is_pollable(mode: int) -> bool:
+    """epoll can wait on pipes, FIFOs and sockets, not on regular files."""
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+async def _write_nonblocking(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to a non-blocking fd, awaiting writability when full."""
+    waited = False
+    while data:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            waited = True
+            await anyio.wait_writable(fd)
+            continue
+        data = data[written:]
+    if not waited:
+        await anyio.lowlevel.checkpoint()
+
+
+def _write_blocking(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+class _FdTarget(Target):
+    """Shared by every target that ends in one fd: chooses thread or poll writes."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._pollable = False
+
+    async def write(self, data: memoryview) -> None:
+        try:
+            if self._pollable:
+                await _write_nonblocking(self._fd, data)
+            else:
+                await anyio.to_thread.run_sync(self._write_file, data)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+
+    def _write_file(self, data: memoryview) -> None:
+        _write_blocking(self._fd, data)
+
+    def _close_fd(self) -> None:
+        """Close our fd; waiters (none, if the writer is right) are told first."""
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        if self._pollable:
+            anyio.notify_closing(fd)
+        os.close(fd)
+
+
+class NewFileTarget(_FdTarget):
+    """A file created by the writer: never an existing one (``O_EXCL``).
+
+    ``O_DIRECT`` is used where the file system takes it, so a multi-GiB backup
+    does not flush everyone else's page cache.  It is switched on with
+    ``fcntl`` after the file is created (a file system that refuses it answers
+    ``EINVAL`` there, and no half-created file needs cleaning up), and switched
+    off again if a write answers ``EINVAL`` (e.g. a 4 KiB-sector device and a
+    512-byte-multiple extent): the same bytes then go through the page cache.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, direct: bool = True) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.direct = direct
+        self._created = False
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._open_blocking)
+
+    def _open_blocking(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except FileExistsError as exc:
+            raise TargetExistsError(f"can't open file {self.path} - File exists") from exc
+        except OSError as exc:
+            raise TargetError(f"can't open file {self.path} - {exc.strerror}") from exc
+        self._created = True
+        if self.direct:
+            try:
+                fcntl.fcntl(
+                    self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT
+                )
+            except OSError:
+                self.direct = False
+
+    def _write_file(self, data: memoryview) -> None:
+        try:
+            _write_blocking(self._fd, data)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self.direct:
+                raise
+            # A failed write leaves the file offset where it was: no bytes lost.
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+            self.direct = False
+            _write_blocking(self._fd, data)
+
+    async def close(self) -> None:
+        try:
+            self._close_fd()
+        except OSError as exc:
+            raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc
+
+    async def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._close_fd()
+        if self._created:
+            self._created = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+class FifoTarget(_FdTarget):
+    """An existing FIFO, opened non-blocking for writing.
+
+    Opening a FIFO non-blocking for writing fails with ``ENXIO`` until a
+    reader has it open; instead of failing (as the reference does) or blocking
+    a thread in ``open()``, we retry with a short back-off that any
+    cancellation ends.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self._pollable = True
+
+    async def open(self) -> None:
+        delay = 0.001
+        while True:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise TargetError(f"can't open file {self.path} - {exc.strerror}") from exc
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _FIFO_RETRY_MAX_DELAY)
+                continue
+            return
+
+    async def close(self) -> None:
+        try:
+            self._close_fd()
+        except OSError as exc:
+            raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc
+
+    async def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._close_fd()
+
+
+class FdTarget(_FdTarget):
+    """An fd the caller opened and still owns: it is never closed here.
+
+    A pipe or socket is switched to ``O_NONBLOCK`` for the writer's lifetime
+    (the flag belongs to the open file description, which the caller may
+    share), and its original flags are put back at close or abort.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self._saved_flags: int | None = None
+
+    async def open(self) -> None:
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if _is_pollable(mode):
+                self._saved_flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, self._saved_flags | os.O_NONBLOCK)
+                self._pollable = True
+        except OSError as exc:
+            raise TargetError(f"can't use fd {self.fd} - {exc.strerror}") from exc
+        self._fd = self.fd
+
+    def _release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self._saved_flags is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, self._saved_flags)
+            self._saved_flags = None
+
+    async def close(self) -> None:
+        try:
+            self._release()
+        except OSError as exc:
+            raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc
+
+    async def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._release()
+
+
+class CommandTarget(_FdTarget):
+    """``exec:COMMAND``: the command runs through ``/bin/sh -c`` with the
+    archive on its stdin (a pipe we write non-blocking).
+
+    The child inherits no fd of ours but its stdin, stdout and stderr.  Its
+    exit is awaited through a pidfd, so waiting for it is an ordinary,
+    cancellable readiness wait under every backend.  On abort it gets
+    SIGTERM, then SIGKILL after ``kill_after`` seconds, and is always reaped.
+    """
+
+    def __init__(self, command: str, *, kill_after: float = 5.0) -> None:
+        super().__init__()
+        self.command = command
+        self.kill_after = kill_after
+        self._pollable = True
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+
+    async def open(self) -> None:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._process = subprocess.Popen(  # noqa: ASYNC220 - fork+exec, no waiting
+                ["/bin/sh", "-c", self.command], stdin=read_end, close_fds=True
+            )
+        except OSError as exc:
+            os.close(write_end)
+            raise TargetError(f"can't popen command '{self.command}' - {exc.strerror}") from exc
+        finally:
+            os.close(read_end)
+        self._fd = write_end
+        os.set_blocking(write_end, False)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_CAPACITY)
+        try:
+            self._pidfd = os.pidfd_open(self._process.pid)
+        except OSError as exc:
+            await self.abort()
+            raise TargetError(f"can't watch command '{self.command}' - {exc.strerror}") from exc
+
+    async def write(self, data: memoryview) -> None:
+        try:
+            await _write_nonblocking(self._fd, data)
+        except BrokenPipeError as exc:
+            # The command stopped reading; its exit status says more than EPIPE.
+            with anyio.move_on_after(self.kill_after):
+                await self._wait_exit()
+            self._raise_if_failed_status()
+            raise TargetError(
+                f"vma_queue_write: write error - command '{self.command}' closed its input"
+            ) from exc
+        except OSError as exc:
+            raise _write_error(exc) from exc
+
+    async def _wait_exit(self) -> int:
+        """Wait for the child to exit and reap it; return its returncode."""
+        process = self._process
+        assert process is not None
+        if process.returncode is None:
+            await anyio.wait_readable(self._pidfd)
+            process.wait()
+        return process.returncode
+
+    def _raise_if_failed_status(self) -> None:
+        process = self._process
+        if process is None or process.returncode is None or process.returncode == 0:
+            return
+        status = process.returncode
+        if status < 0:
+            how = f"was killed by signal {-status} ({signal.Signals(-status).name})"
+        else:
+            how = f"exited with status {status}"
+        raise CommandFailedError(f"command '{self.command}' {how}")
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            pidfd, self._pidfd = self._pidfd, -1
+            anyio.notify_closing(pidfd)
+            os.close(pidfd)
+
+    async def close(self) -> None:
+        """Close its stdin, wait for it to exit, and check the status."""
+        self._close_fd()
+        await self._wait_exit()
+        self._close_pidfd()
+        self._raise_if_failed_status()
+
+    async def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._close_fd()
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            with anyio.move_on_after(self.kill_after):
+                await self._wait_exit()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await self._wait_exit()
+        with contextlib.suppress(OSError):
+            self._close_pidfd()
+
+
+TargetLike = str | os.PathLike[str] | int | Target
+
+
+def make_target(target: TargetLike) -> Target:
+    """Pick the target for what the caller gave: a :class:`Target` as is, an
+    int fd, ``exec:COMMAND``, an existing FIFO, or else a path to create."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, int):
+        return FdTarget(target)
+    path = os.fspath(target)
+    if path.startswith(EXEC_PREFIX):
+        return CommandTarget(path[len(EXEC_PREFIX) :])
+    try:
+        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        is_fifo = False
+    return FifoTarget(path) if is_fifo else NewFileTarget(path)

@@ -1,0 +1,451 @@
+"""VmaWriter: many producer tasks, one extent assembler, a bounded pool of buffers.
+
+Data flow.  Producers call :meth:`VmaWriter.write` concurrently.  Under one
+lock (the reference's ``flush_lock`` CoMutex) a producer checks its cluster and
+packs it into the *open* extent buffer (:class:`ExtentAssembler`).  A full
+extent is *sealed* and appended to a FIFO of sealed buffers; the producer then
+takes a free buffer from the pool for the next extent.  The output writes the
+sealed buffers to the target in order and returns each to the pool.
+
+Backpressure.  The pool is fixed (``buffer_count`` page-aligned mmaps of one
+extent each, fit for ``O_DIRECT``): when no buffer is free, the producer that
+needs one waits for the output, and every other producer waits behind it on
+the lock.  Memory held is therefore bounded by the pool whatever the archive
+size, and ``stats`` records the high-water mark and how often producers
+waited, so tests can assert the bound from the writer's own counters.
+
+Who writes the output.  *Whoever holds the output lock* drains the FIFO
+(:meth:`VmaWriter._drain`).  Used as ``async with VmaWriter.open(t) as w``,
+the writer enters its own task group in ``__aenter__`` and starts an output
+task that drains as soon as a buffer is sealed, so packing the next extent
+overlaps writing the last one even with a single producer; the task group is
+exited in ``__aexit__``, in the same task and around the user's block, which
+is what trio's cancel-scope rules require.  Used as ``w = await
+VmaWriter.open(t)`` there is no task to own, so no background task: the
+producer that seals an extent drains it after releasing the assembler lock
+(the reference writes extents inline from the coroutine holding its mutex),
+and a producer that finds the pool empty drains too.  Either way draining is
+the same code, and the background task is only an early drainer.
+
+Failure.  The first error is sticky (kept by the assembler) and aborts the
+archive at once: a file the writer created is removed, an ``exec:`` child is
+terminated and reaped, our fds are closed.  Errors from the output, a
+cancelled ``write``, an invalid call, or an exception leaving the ``async
+with`` block all take this path; every later call raises the sticky error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import time
+import uuid as uuid_mod
+from collections import deque
+from collections.abc import Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ._assembler import (
+    WRITER_EXTENT_SIZE,
+    ClusterData,
+    ExtentAssembler,
+    StreamStatus,
+    WriterStatus,
+)
+from ._errors import VmaError, WriterAbortedError
+from ._targets import Target, TargetLike, make_target
+
+DEFAULT_BUFFER_COUNT = 4
+"""One extent being written, one being packed, two sealed in between: enough
+to smooth the output's hiccups, ~15 MiB of memory."""
+
+BUFFER_SIZE = (WRITER_EXTENT_SIZE + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters the writer keeps about its own buffering (for tests and tuning)."""
+
+    buffer_count: int
+    buffer_size: int
+    buffered_bytes: int = 0
+    """Bytes packed or sealed but not yet written to the target."""
+    buffered_bytes_high_water: int = 0
+    producer_waits: int = 0
+    """Times a producer needed a buffer and had to wait for the output."""
+    extents_written: int = 0
+    bytes_written: int = 0
+
+    @property
+    def bound(self) -> int:
+        """What the pool can hold: ``buffered_bytes`` never exceeds it."""
+        return self.buffer_count * self.buffer_size
+
+
+def _sticky_error(exc: BaseException) -> BaseException:
+    """The error later calls raise: our own errors as they are, anything else
+    (a producer's exception, a cancellation) as :class:`WriterAbortedError`."""
+    if isinstance(exc, VmaError):
+        return exc
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        error = WriterAbortedError("vma archive aborted: cancelled")
+    else:
+        error = WriterAbortedError(f"vma archive aborted: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+class VmaWriter:
+    """Writes one VMA archive; see the module docstring for the design.
+
+    Create with :meth:`open`.  Methods may be called from any number of tasks
+    of one event loop at once.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        uuid: uuid_mod.UUID | None = None,
+        ctime: int | None = None,
+        buffer_count: int = DEFAULT_BUFFER_COUNT,
+    ) -> None:
+        if buffer_count < 2:
+            raise ValueError("a writer needs at least 2 buffers")
+        self._target = target
+        self._assembler = ExtentAssembler(uuid if uuid is not None else uuid_mod.uuid4())
+        self._ctime = ctime
+        self.stats = WriterStats(buffer_count, BUFFER_SIZE)
+        self._free = [mmap.mmap(-1, BUFFER_SIZE) for _ in range(buffer_count)]
+        self._sealed: deque[tuple[mmap.mmap, int]] = deque()
+        self._sealed_bytes = 0
+        self._current: mmap.mmap | None = None
+        self._lock = anyio.Lock(fast_acquire=True)
+        self._output_lock = anyio.Lock(fast_acquire=True)
+        self._drain_scope: anyio.CancelScope | None = None
+        self._work = anyio.Event()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._aborted: anyio.Event | None = None
+        self._finished = False
+
+    @classmethod
+    def open(
+        cls,
+        target: TargetLike,
+        *,
+        uuid: uuid_mod.UUID | None = None,
+        ctime: int | None = None,
+        buffer_count: int = DEFAULT_BUFFER_COUNT,
+    ) -> _WriterOpening:
+        """Open ``target`` for a new archive.
+
+        ``await VmaWriter.open(t)`` returns an open writer that the caller
+        must finish with :meth:`close` or :meth:`abort`.  ``async with
+        VmaWriter.open(t) as w`` also runs a background output task, closes on
+        a clean exit and aborts on an exception or cancellation.
+
+        ``target``: a path (created with ``O_EXCL``; an existing FIFO is
+        written instead), ``"exec:COMMAND"``, an int fd, or a :class:`Target`.
+        ``ctime`` defaults to the time the header is written.
+        """
+        return _WriterOpening(
+            cls(make_target(target), uuid=uuid, ctime=ctime, buffer_count=buffer_count)
+        )
+
+    async def _open(self) -> None:
+        try:
+            await self._target.open()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+
+    # --- registration (before the first write) ----------------------------------
+
+    def add_config(self, name: str, data: bytes) -> None:
+        """Add a config blob, stored under the basename of ``name``."""
+        self._assembler.add_config(name, data)
+
+    def register_stream(self, name: str, size: int) -> int:
+        """Register a device of ``size`` bytes (> 0); return its dev_id (1..254).
+        A stream named ``vmstate`` takes its clusters in order and is unbounded."""
+        return self._assembler.register_stream(name, size)
+
+    # --- data ---------------------------------------------------------------------
+
+    async def write(self, dev_id: int, cluster_num: int, data: ClusterData | None = None) -> int:
+        """Queue one 64 KiB cluster (``None``: all zero; shorter: zero-padded);
+        return the bytes transferred.  Awaits when the output is behind."""
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            async with self._lock:
+                self._assembler.check_write(dev_id, cluster_num)
+                sealed = await self._make_room()
+                transferred = self._assembler.add_cluster(dev_id, cluster_num, data)
+                self._account()
+            if sealed:
+                await self._hand_off()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        return transferred
+
+    async def close_stream(self, dev_id: int) -> int:
+        """Mark a stream complete; return how many remain open.  Closing the
+        last one writes out the final extent."""
+        try:
+            async with self._lock:
+                remaining = self._assembler.close_stream(dev_id)
+                if remaining == 0:
+                    await self._seal_for_flush()
+            if remaining == 0:
+                await self._drain()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        return remaining
+
+    async def flush(self) -> None:
+        """Write the header (if not yet out) and the open extent, even empty,
+        and wait until the target has them.  An archive with no streams is
+        finished this way (``close`` also does it if nothing was written)."""
+        try:
+            async with self._lock:
+                await self._seal_for_flush()
+            await self._drain()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+
+    async def close(self) -> None:
+        """Finish the archive: the reference's final checks (no open stream,
+        every disk complete), then close the target (an ``exec:`` command's
+        exit status is checked).  On any failure the archive is aborted and
+        the sticky error raised."""
+        if self._finished:
+            self._assembler.raise_if_failed()
+            return
+        try:
+            self._assembler.raise_if_failed()
+            async with self._lock:
+                if not self._assembler.header_written:
+                    await self._seal_for_flush()
+                self._assembler.check_close()
+            await self._drain()
+            await self._target.close()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        self._finished = True
+        self._release_buffers()
+
+    async def abort(self, reason: BaseException | None = None) -> None:
+        """Abandon the archive: remove a file we created, terminate and reap an
+        ``exec:`` child, close our fds.  Idempotent; does nothing after a
+        successful :meth:`close`; completes even when cancelled."""
+        if self._finished:
+            return
+        if reason is not None:
+            self._assembler.fail(_sticky_error(reason))
+        elif self._assembler.error is None:
+            self._assembler.fail(WriterAbortedError("vma archive aborted"))
+        with anyio.CancelScope(shield=True):
+            if self._aborted is not None:
+                await self._aborted.wait()
+                return
+            self._aborted = aborted = anyio.Event()
+            try:
+                if self._drain_scope is not None:
+                    self._drain_scope.cancel()
+                async with self._output_lock:
+                    await self._target.abort()
+            finally:
+                self._assembler.mark_closed()
+                self._release_buffers()
+                if self._task_group is not None:
+                    self._task_group.cancel_scope.cancel()
+                aborted.set()
+
+    def status(self) -> WriterStatus:
+        """uuid, closed, the sticky error, and per-stream byte accounting."""
+        return self._assembler.status()
+
+    # --- the pool and the output ------------------------------------------------
+
+    async def _fail(self, exc: BaseException) -> None:
+        self._assembler.fail(_sticky_error(exc))
+        await self.abort()
+
+    def _account(self) -> None:
+        stats = self.stats
+        stats.buffered_bytes = self._sealed_bytes + self._assembler.extent_bytes
+        if stats.buffered_bytes > stats.buffered_bytes_high_water:
+            stats.buffered_bytes_high_water = stats.buffered_bytes
+
+    async def _take_buffer(self) -> mmap.mmap:
+        """A free buffer; when the pool is empty, drain (or wait for whoever is)."""
+        if not self._free:
+            self.stats.producer_waits += 1
+            while not self._free:
+                await self._drain()
+        return self._free.pop()
+
+    def _enqueue(self, buffer: mmap.mmap, length: int) -> None:
+        self._sealed.append((buffer, length))
+        self._sealed_bytes += length
+        self._account()
+        self._work.set()
+
+    async def _ensure_header(self) -> bool:
+        """Put the header in the output FIFO if it is not out yet; True if so."""
+        assembler = self._assembler
+        if assembler.header_written:
+            return False
+        header = assembler.encode_header(
+            self._ctime if self._ctime is not None else int(time.time())
+        )
+        buffer = await self._take_buffer()
+        buffer[: len(header)] = header
+        self._enqueue(buffer, len(header))
+        return True
+
+    async def _open_extent(self) -> None:
+        if not self._assembler.extent_open:
+            self._current = await self._take_buffer()
+            self._assembler.begin_extent(memoryview(self._current))
+
+    def _seal_current(self) -> None:
+        length = self._assembler.seal_extent()
+        buffer, self._current = self._current, None
+        assert buffer is not None
+        self._enqueue(buffer, length)
+
+    async def _make_room(self) -> bool:
+        """Make the open extent ready for one more cluster (under the lock);
+        True if something was sealed for the output."""
+        sealed = await self._ensure_header()
+        if self._assembler.extent_full:
+            self._seal_current()
+            sealed = True
+        await self._open_extent()
+        return sealed
+
+    async def _seal_for_flush(self) -> None:
+        self._assembler.raise_if_failed()
+        await self._ensure_header()
+        await self._open_extent()
+        self._seal_current()
+
+    async def _hand_off(self) -> None:
+        """After sealing: let the output task run, or be the output ourselves."""
+        if self._task_group is not None:
+            await anyio.lowlevel.checkpoint()
+        else:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Write every sealed buffer, oldest first, and return them to the pool.
+
+        A buffer leaves the FIFO only once written, so an empty FIFO means
+        nothing is in flight.  :meth:`abort` cancels a drain in progress
+        through ``_drain_scope``, whichever task runs it.
+        """
+        async with self._output_lock:
+            self._assembler.raise_if_failed()
+            with anyio.CancelScope() as scope:
+                self._drain_scope = scope
+                try:
+                    while self._sealed:
+                        buffer, length = self._sealed[0]
+                        await self._target.write(memoryview(buffer)[:length])
+                        self._sealed.popleft()
+                        self._sealed_bytes -= length
+                        self._free.append(buffer)
+                        self.stats.extents_written += 1
+                        self.stats.bytes_written += length
+                        self._account()
+                finally:
+                    self._drain_scope = None
+            if scope.cancelled_caught:
+                self._assembler.raise_if_failed()
+
+    async def _run_output(self) -> None:
+        """The background output task: drain whenever something is sealed.
+        Failures are recorded (sticky) and abort the archive; producers see
+        them at their next call."""
+        while True:
+            await self._work.wait()
+            self._work = anyio.Event()
+            try:
+                await self._drain()
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                await self._fail(exc)
+                return
+
+    def _release_buffers(self) -> None:
+        buffers = [*self._free, *(b for b, _ in self._sealed)]
+        if self._current is not None:
+            buffers.append(self._current)
+        self._free, self._current = [], None
+        self._sealed.clear()
+        self._sealed_bytes = 0
+        for buffer in buffers:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+
+    # --- async with ----------------------------------------------------------------
+
+    async def _enter(self) -> None:
+        await self._open()
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        task_group.start_soon(self._run_output)
+
+    async def _exit(self, exc: BaseException | None) -> None:
+        task_group = self._task_group
+        assert task_group is not None
+        try:
+            if exc is None:
+                await self.close()
+            else:
+                await self._fail(exc)
+        finally:
+            task_group.cancel_scope.cancel()
+            self._task_group = None
+            await task_group.__aexit__(None, None, None)
+
+
+class _WriterOpening:
+    """What :meth:`VmaWriter.open` returns: awaitable, or an async context manager."""
+
+    def __init__(self, writer: VmaWriter) -> None:
+        self._writer = writer
+
+    def __await__(self) -> Generator[Any, None, VmaWriter]:
+        return self._open().__await__()
+
+    async def _open(self) -> VmaWriter:
+        await self._writer._open()
+        return self._writer
+
+    async def __aenter__(self) -> VmaWriter:
+        await self._writer._enter()
+        return self._writer
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._writer._exit(exc)
+
+
+__all__ = ["StreamStatus", "VmaWriter", "WriterStats", "WriterStatus"]

@@ -22,6 +22,9 @@ from ._format import (
     DeviceInfo,
     ExtentHeader,
 )
+from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
+from ._reader import DeviceView, ReadProgress, VmaReader
+from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
 
 __version__ = "0.1.0"
 
@@ -34,6 +37,17 @@ __all__ = [
     "ClusterEntry",
     "DeviceInfo",
     "ExtentHeader",
+    "CallbackSink",
+    "DeviceReadStats",
+    "DeviceView",
+    "ExistingFileSink",
+    "ParsedExtent",
+    "RawFileSink",
+    "ReadProgress",
+    "ReadSummary",
+    "SequentialSink",
+    "Sink",
+    "VmaReader",
     "__version__",
     *_error_names,
 ]

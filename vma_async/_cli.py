@@ -1,0 +1,555 @@
+"""The ``vma`` command: a drop-in for the reference tool, as a thin client of the API.
+
+Scripts written for the reference ``vma`` (Proxmox VE's ``qmrestore`` among
+them) parse its output, so every line it prints is reproduced to the byte:
+the ``list`` lines, ``DEVINFO``, the ``-v`` progress and summary lines (C's
+``%.3g`` is Python's ``%.3g``), its usage text on ``-h`` or a bad option
+(status 1).  Options are parsed GNU-getopt style like the reference, so they
+may also follow the positional arguments.
+
+Beyond the reference: ``--json`` for ``list``, a live progress bar on a
+terminal (stderr; ``-v`` or a non-terminal prints the plain lines instead,
+``--quiet`` silences both), ``--help`` with examples per command,
+``--version``, and errors as one ``vma: ...`` line naming the file and the
+problem, never a traceback unless ``--debug``.  Every failure exits 1 (the
+reference dies with status 133 from ``g_error``; see ``docs/cli.md``).
+"""
+
+from __future__ import annotations
+
+import getopt
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TextIO
+
+import anyio
+
+from . import __version__
+from ._assembler import WriterStatus
+from ._errors import VmaError
+from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
+from ._images import create_archive, extract_archive, read_restore_map
+from ._parser import ReadSummary
+from ._reader import ReadProgress, VmaReader
+from ._restore_map import RestoreMapEntry
+
+USAGE = """\
+usage: vma command [command options]
+
+vma list <filename>
+vma config <filename> [-c config]
+vma create <filename> [-c config] [-v] [devname=]pathname ...
+vma extract <filename> [-v] [-r <fifo>] <targetdir>
+vma verify <filename> [-v]
+
+'vma COMMAND --help' explains a command, with examples; 'vma --version' prints the version.
+"""
+
+COMMON_HELP = """
+Options of every command:
+  --quiet        no progress output (neither the bar nor the -v lines)
+  --debug        show a traceback on errors
+  --help         this text
+  -h             the short usage text (exit status 1, as the reference tool)
+
+FILE may be compressed with zstd, gzip or lzop (detected by content); '-' reads
+standard input.  Exit status: 0 on success, 1 on any error.
+"""
+
+HELP = {
+    "list": """\
+vma list [--json] FILE
+
+Print the archive's configs, devices and creation time:
+  CFG: size: N name: NAME
+  DEV: dev_id=N size: N devname: NAME
+  VMSTATE: dev_id=N memory: N
+  CTIME: <ctime(3) text, local time>
+--json prints uuid, ctime (ISO 8601), configs with sizes and devices instead.
+
+Examples:
+  vma list vzdump-qemu-100.vma.zst
+  zstd -dc backup.vma.zst | vma list -
+  vma list --json backup.vma | jq '.devices[].name'
+""",
+    "config": """\
+vma config FILE [-c NAME]
+
+Write one config blob (default qemu-server.conf) to standard output.
+
+Examples:
+  vma config backup.vma > 100.conf
+  vma config backup.vma -c qemu-server.fw
+""",
+    "create": """\
+vma create FILE [-c CONFIG]... [-v] [NAME=]PATH...
+
+Back up raw image files or block devices into a new archive (never
+overwritten).  Devices are named disk0, disk1, ... unless NAME= is given;
+each size is rounded up to a multiple of 512 bytes, as the reference does.
+FILE may be 'exec:COMMAND' (the archive goes to the command's stdin).
+  -c CONFIG   add a config file (stored under its base name); repeatable
+  -v          print the reference's progress and per-image lines on stderr
+
+Examples:
+  vma create backup.vma -c qemu-server.conf drive-scsi0=/dev/vg/vm-100-disk-0
+  vma create 'exec:zstd -q -o backup.vma.zst' disk.raw
+""",
+    "extract": """\
+vma extract FILE [-v] [-r MAP] TARGETDIR
+
+Restore into TARGETDIR, which must not exist: one file per config,
+vmstate.bin, and disk-NAME.raw per disk (written as tmp-disk-NAME.raw and
+renamed when complete; a DEVINFO line is printed for each).
+  -r MAP   read a restore map (file or FIFO) instead: lines
+           [format=raw:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:NAME=PATH
+           ended by 'done' or an empty line; 1: writes zero blocks too
+  -v       print progress and the summary lines on stdout
+
+Examples:
+  vma extract backup.vma.zst /var/tmp/restore
+  vma extract -v - restore < backup.vma
+  vma extract -r map.fifo backup.vma /var/tmp/restore
+""",
+    "verify": """\
+vma verify FILE [-v]
+
+Read the whole archive and check every extent and cluster, writing nothing.
+  -v   print the archive's contents, progress and the summary lines
+
+Examples:
+  vma verify -v backup.vma.zst
+""",
+}
+
+_SHORT_OPTIONS = {"list": "h", "config": "hc:", "create": "hvc:", "extract": "hvr:", "verify": "hv"}
+_COMMON_LONG = ["quiet", "debug", "help"]
+_LONG_OPTIONS = {"list": [*_COMMON_LONG, "json"]}
+
+
+class UsageError(Exception):
+    """Bad command line: the reference prints its usage text and exits 1."""
+
+
+@dataclass(slots=True)
+class Options:
+    command: str
+    args: list[str]
+    verbose: bool = False
+    quiet: bool = False
+    debug: bool = False
+    json: bool = False
+    config: str | None = None
+    configs: tuple[str, ...] = ()
+    restore_map: str | None = None
+
+
+def parse_args(argv: Sequence[str]) -> Options | str:
+    """Options for a command, or the text to print for ``--help``/``--version``."""
+    args = list(argv)
+    debug = quiet = False
+    while args and args[0] in ("--debug", "--quiet"):
+        debug = debug or args[0] == "--debug"
+        quiet = quiet or args[0] == "--quiet"
+        args.pop(0)
+    if args and args[0] == "--version":
+        return f"vma (vma_async) {__version__}\n"
+    if args and args[0] == "--help":
+        return USAGE + COMMON_HELP
+    if not args or args[0] not in _SHORT_OPTIONS:
+        raise UsageError
+    command = args.pop(0)
+    try:
+        pairs, positional = getopt.gnu_getopt(
+            args, _SHORT_OPTIONS[command], _LONG_OPTIONS.get(command, _COMMON_LONG)
+        )
+    except getopt.GetoptError as exc:
+        raise UsageError from exc
+    opts = Options(command, positional, quiet=quiet, debug=debug)
+    configs = []
+    for flag, value in pairs:
+        if flag == "--help":
+            return HELP[command] + COMMON_HELP
+        if flag == "-h":
+            raise UsageError
+        if flag == "-v":
+            opts.verbose = True
+        elif flag == "--quiet":
+            opts.quiet = True
+        elif flag == "--debug":
+            opts.debug = True
+        elif flag == "--json":
+            opts.json = True
+        elif flag == "-r":
+            opts.restore_map = value
+        elif flag == "-c" and command == "create":
+            configs.append(value)
+        elif flag == "-c":
+            opts.config = value
+    opts.configs = tuple(configs)
+    wanted = {"extract": 2, "create": -1}.get(command, 1)
+    if (wanted == -1 and not positional) or (wanted > 0 and len(positional) != wanted):
+        raise UsageError
+    return opts
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def _emit(stream: TextIO, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def _ctime_text(ctime: int) -> str:
+    try:
+        return time.ctime(ctime) + "\n"
+    except (OverflowError, ValueError, OSError):
+        return "(null)"  # what glibc's printf("%s", NULL) shows for an unrepresentable time
+
+
+def content_lines(header: ArchiveHeader) -> str:
+    """The reference's ``print_content``: configs, devices 1..254, then ctime."""
+    lines = [f"CFG: size: {len(data)} name: {name}\n" for name, data in header.configs]
+    for dev in header.devices:
+        if dev.dev_id >= 255:
+            continue
+        if dev.is_vmstate:
+            lines.append(f"VMSTATE: dev_id={dev.dev_id} memory: {dev.size}\n")
+        else:
+            lines.append(f"DEV: dev_id={dev.dev_id} size: {dev.size} devname: {dev.name}\n")
+    lines.append(f"CTIME: {_ctime_text(header.ctime)}")
+    return "".join(lines)
+
+
+def content_json(header: ArchiveHeader) -> str:
+    try:
+        ctime_iso: str | None = datetime.fromtimestamp(header.ctime, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        ctime_iso = None
+    document = {
+        "uuid": str(header.uuid),
+        "ctime": ctime_iso,
+        "ctime_epoch": header.ctime,
+        "configs": [{"name": name, "size": len(data)} for name, data in header.configs],
+        "devices": [
+            {"dev_id": d.dev_id, "name": d.name, "size": d.size, "vmstate": d.is_vmstate}
+            for d in header.devices
+        ],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def summary_lines(summary: ReadSummary) -> str:
+    """The two ``-v`` summary lines of the reference reader (C ``%.3g``)."""
+    if not summary.bytes_read:
+        return "vma archive contains no image data\n"
+    sparse = summary.sparse_bytes
+    text = (
+        f"total bytes read {summary.bytes_read}, sparse bytes {sparse}"
+        f" ({100.0 * sparse / summary.bytes_read:.3g}%)\n"
+    )
+    datasize = summary.bytes_read - sparse
+    if datasize:
+        reduction = 100.0 * summary.partial_zero_bytes / datasize
+        text += f"space reduction due to 4K zero blocks {reduction:.3g}%\n"
+    return text
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class ProgressBar:
+    """A one-line live progress display on a terminal (stderr), redrawn at most
+    ten times a second so that it costs nothing per cluster."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._start = time.monotonic()
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def update(self, done: int, total: int, parts: Sequence[tuple[str, int, int]] = ()) -> None:
+        now = time.monotonic()
+        if now - self._last_draw < 0.1 and done < total:
+            return
+        self._last_draw = now
+        elapsed = max(now - self._start, 1e-9)
+        rate = done / elapsed
+        fraction = done / total if total else 1.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        width = 24
+        filled = int(width * min(fraction, 1.0))
+        bar = "#" * filled + "-" * (width - filled)
+        line = (
+            f"\r{self._label} [{bar}] {fraction * 100:5.1f}% {_human(done)}/{_human(total)}"
+            f" {_human(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
+        if len(parts) > 1:
+            line += " | " + " ".join(
+                f"{name} {100 * d // s if s else 100}%" for name, d, s in parts
+            )
+        self._stream.write(line + "\x1b[K")
+        self._stream.flush()
+        self._drawn = True
+
+    def finish(self, done: int) -> None:
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+        self._stream.write(
+            f"{self._label}: {_human(done)} in {elapsed:.1f} s ({_human(done / elapsed)}/s)\n"
+        )
+        self._stream.flush()
+
+
+class ReadReporter:
+    """Turns the reader's progress into the reference's ``progress`` lines, or a bar.
+
+    The reference prints a line whenever the integer percentage of clusters
+    read changes, checked after every cluster, starting from 0 (so "0%" is
+    never printed), against the sum of ``size // 65536`` over the devices it
+    counts.  The reader may report less often than per cluster; every
+    cluster in between is replayed so the same lines come out.
+    """
+
+    def __init__(self, mode: str, cluster_count: int, label: str) -> None:
+        self._mode = mode
+        self._cluster_count = cluster_count
+        self._clusters = 0
+        self._percent = 0
+        self._start = time.time()
+        self._total_bytes = cluster_count * CLUSTER_SIZE
+        self._bar = ProgressBar(sys.stderr, label) if mode == "bar" else None
+
+    def __call__(self, progress: ReadProgress) -> None:
+        if self._bar is not None:
+            total = max(progress.cluster_total * CLUSTER_SIZE, self._total_bytes)
+            self._bar.update(progress.clusters_read * CLUSTER_SIZE, total)
+            return
+        if self._mode != "lines" or not self._cluster_count:
+            return
+        duration = int(time.time() - self._start)
+        out = []
+        for clusters in range(self._clusters + 1, progress.clusters_read + 1):
+            percent = clusters * 100 // self._cluster_count
+            if percent != self._percent:
+                out.append(
+                    f"progress {percent}% (read {clusters * CLUSTER_SIZE} bytes,"
+                    f" duration {duration} sec)\n"
+                )
+                self._percent = percent
+        self._clusters = max(self._clusters, progress.clusters_read)
+        if out:
+            _emit(sys.stdout, "".join(out))
+
+    def finish(self, summary: ReadSummary) -> None:
+        if self._bar is not None:
+            self._bar.finish(summary.bytes_read)
+        elif self._mode == "lines":
+            _emit(sys.stdout, summary_lines(summary))
+
+
+def _progress_mode(opts: Options) -> str:
+    if opts.quiet:
+        return "none"
+    if opts.verbose:
+        return "lines"
+    return "bar" if sys.stderr.isatty() else "none"
+
+
+def _counted_clusters(devices: Sequence[DeviceInfo]) -> int:
+    return sum(dev.size // CLUSTER_SIZE for dev in devices)
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+async def cmd_list(opts: Options) -> int:
+    async with await VmaReader.open(opts.args[0]) as reader:
+        header = reader.header
+    _emit(sys.stdout, content_json(header) if opts.json else content_lines(header))
+    return 0
+
+
+async def cmd_config(opts: Options) -> int:
+    name = opts.config if opts.config is not None else "qemu-server.conf"
+    async with await VmaReader.open(opts.args[0]) as reader:
+        data = reader.header.config(name)
+    if data is None:
+        sys.stderr.write(f"unable to find configuration data '{name}'\n")
+        return 1
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+async def cmd_verify(opts: Options) -> int:
+    async with await VmaReader.open(opts.args[0]) as reader:
+        header = reader.header
+        if opts.verbose and not opts.quiet:
+            _emit(sys.stdout, content_lines(header))
+        reporter = ReadReporter(_progress_mode(opts), _counted_clusters(header.devices), "verify")
+        try:
+            summary = await reader.verify(progress=reporter)
+        except VmaError as exc:
+            raise VmaError(f"verify failed - {exc}") from exc
+    reporter.finish(summary)
+    return 0
+
+
+async def cmd_extract(opts: Options) -> int:
+    source, targetdir = opts.args
+    mode = _progress_mode(opts)
+    reporter: ReadReporter | None = None
+
+    def announce(path: str, size: int) -> None:
+        _emit(sys.stdout, f"DEVINFO {path} {size}\n")
+
+    def on_progress(progress: ReadProgress) -> None:
+        if reporter is not None:
+            reporter(progress)
+
+    restore_map: Callable[[ArchiveHeader], Awaitable[Mapping[str, RestoreMapEntry]]] | None = None
+    if opts.restore_map is not None:
+        map_path = opts.restore_map
+
+        async def read_map(header: ArchiveHeader) -> Mapping[str, RestoreMapEntry]:
+            _emit(sys.stdout, content_lines(header))
+            return await read_restore_map(map_path)
+
+        restore_map = read_map
+
+    async def start(header: ArchiveHeader) -> Mapping[str, RestoreMapEntry] | None:
+        nonlocal reporter
+        disks = [dev for dev in header.devices if not dev.is_vmstate]
+        reporter = ReadReporter(mode, _counted_clusters(disks), "extract")
+        return await restore_map(header) if restore_map is not None else None
+
+    result = await extract_archive(
+        source, targetdir, restore_map=start, announce=announce, progress=on_progress
+    )
+    if reporter is not None:
+        reporter.finish(result.summary)
+    return 0
+
+
+async def cmd_create(opts: Options) -> int:
+    archive, *paths = opts.args
+    configs = []
+    for name in opts.configs:
+        try:
+            configs.append((name, await anyio.Path(name).read_bytes()))
+        except OSError as exc:
+            raise VmaError(f"Unable to read file: {name}: {exc.strerror}") from exc
+    devices = []
+    for index, arg in enumerate(paths):
+        name, equals, path = arg.partition("=")
+        devices.append((name, path) if equals else (f"disk{index}", arg))
+
+    mode = _progress_mode(opts)
+    bar = ProgressBar(sys.stderr, "create") if mode == "bar" else None
+    last_percent = -1
+
+    def on_progress(status: WriterStatus) -> None:
+        nonlocal last_percent
+        total = sum(s.size for s in status.streams)
+        done = sum(s.transferred for s in status.streams)
+        if bar is not None:
+            parts = [(s.name, s.transferred, s.size) for s in status.streams]
+            bar.update(done, total, parts)
+        elif mode == "lines" and total:
+            percent = done * 100 // total
+            if percent != last_percent:
+                zeros = sum(s.zero_bytes for s in status.streams)
+                _emit(sys.stderr, f"progress {percent}% {done}/{total} {zeros}\n")
+                last_percent = percent
+
+    try:
+        status = await create_archive(
+            archive, devices, configs=configs, progress=on_progress, size_multiple=512
+        )
+    except VmaError as exc:
+        raise VmaError(f"creating vma archive failed - {exc}") from exc
+    if bar is not None:
+        bar.finish(sum(s.size for s in status.streams))
+    elif mode == "lines":
+        _emit(
+            sys.stderr,
+            "".join(
+                f"image {s.name}: size={s.size} zeros={s.zero_bytes}"
+                f" saved={s.size - s.zero_bytes}\n"
+                for s in status.streams
+            ),
+        )
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Options], Awaitable[int]]] = {
+    "list": cmd_list,
+    "config": cmd_config,
+    "create": cmd_create,
+    "extract": cmd_extract,
+    "verify": cmd_verify,
+}
+
+
+def _backend() -> tuple[str, dict[str, bool]]:
+    """``VMA_ASYNC_BACKEND`` picks the event loop: asyncio (default), uvloop or trio."""
+    name = os.environ.get("VMA_ASYNC_BACKEND", "asyncio")
+    if name == "uvloop":
+        return "asyncio", {"use_uvloop": True}
+    if name in ("asyncio", "trio"):
+        return name, {}
+    raise UsageError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vma`` command; returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parsed = parse_args(args)
+        if isinstance(parsed, str):
+            _emit(sys.stdout, parsed)
+            return 0
+        backend, backend_options = _backend()
+    except UsageError:
+        _emit(sys.stdout, USAGE)
+        return 1
+    debug = parsed.debug
+    try:
+        return anyio.run(
+            COMMANDS[parsed.command], parsed, backend=backend, backend_options=backend_options
+        )
+    except KeyboardInterrupt:
+        sys.stderr.write("vma: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``vma config ... | head``).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (VmaError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"vma: {_one_line(exc)}\n")
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, VmaError):
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror or exc}"
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -25,6 +25,8 @@ from ._format import (
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._reader import DeviceView, ReadProgress, VmaReader
 from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
+from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
+from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,15 @@ __all__ = [
     "SequentialSink",
     "Sink",
     "VmaReader",
+    "CommandTarget",
+    "FdTarget",
+    "FifoTarget",
+    "NewFileTarget",
+    "StreamStatus",
+    "Target",
+    "VmaWriter",
+    "WriterStats",
+    "WriterStatus",
     "__version__",
     *_error_names,
 ]

@@ -51,6 +51,8 @@ __all__ = [
     "BlockBeyondEndError",
     "UnsafeNameError",
     "RestoreMapError",
+    "ClusterSizeError",
+    "WriterAbortedError",
 ]
 
 

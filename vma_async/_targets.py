@@ -267,10 +267,12 @@ class CommandTarget(_FdTarget):
     """``exec:COMMAND``: the command runs through ``/bin/sh -c`` with the
     archive on its stdin (a pipe we write non-blocking).
 
-    The child inherits no fd of ours but its stdin, stdout and stderr.  Its
-    exit is awaited through a pidfd, so waiting for it is an ordinary,
-    cancellable readiness wait under every backend.  On abort it gets
-    SIGTERM, then SIGKILL after ``kill_after`` seconds, and is always reaped.
+    The child inherits no fd of ours but its stdin, stdout and stderr.  It
+    leads a process group of its own, so that an abort reaches a whole
+    pipeline (``exec:zstd | ssh host ...``), not just the shell.  Its exit is
+    awaited through a pidfd, so waiting for it is an ordinary, cancellable
+    readiness wait under every backend.  On abort the group gets SIGTERM,
+    then SIGKILL after ``kill_after`` seconds, and the child is always reaped.
     """
 
     def __init__(self, command: str, *, kill_after: float = 5.0) -> None:
@@ -285,7 +287,10 @@ class CommandTarget(_FdTarget):
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             self._process = subprocess.Popen(  # noqa: ASYNC220 - fork+exec, no waiting
-                ["/bin/sh", "-c", self.command], stdin=read_end, close_fds=True
+                ["/bin/sh", "-c", self.command],
+                stdin=read_end,
+                close_fds=True,
+                start_new_session=True,
             )
         except OSError as exc:
             os.close(write_end)
@@ -336,6 +341,20 @@ class CommandTarget(_FdTarget):
             how = f"exited with status {status}"
         raise CommandFailedError(f"command '{self.command}' {how}")
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped (negative: killed by that signal)."""
+        return self._process.returncode if self._process is not None else None
+
+    def _signal_group(self, signum: signal.Signals) -> None:
+        assert self._process is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signum)
+
     def _close_pidfd(self) -> None:
         if self._pidfd >= 0:
             pidfd, self._pidfd = self._pidfd, -1
@@ -350,18 +369,22 @@ class CommandTarget(_FdTarget):
         self._raise_if_failed_status()
 
     async def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._close_fd()
         process = self._process
         if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+            # Signal before closing its input: on EOF it might exit 0, as if
+            # the archive were complete.
+            self._signal_group(signal.SIGTERM)
+        with contextlib.suppress(OSError):
+            self._close_fd()
+        if process is not None and process.returncode is None:
             with anyio.move_on_after(self.kill_after):
                 await self._wait_exit()
             if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                self._signal_group(signal.SIGKILL)
                 await self._wait_exit()
+        if process is not None:
+            # The shell may be gone while the rest of its pipeline lingers.
+            self._signal_group(signal.SIGKILL)
         with contextlib.suppress(OSError):
             self._close_pidfd()
 

@@ -130,6 +130,7 @@ class VmaWriter:
         self._drain_scope: anyio.CancelScope | None = None
         self._work = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._output_scope = anyio.CancelScope()
         self._aborted: anyio.Event | None = None
         self._finished = False
 
@@ -190,7 +191,7 @@ class VmaWriter:
             if sealed:
                 await self._hand_off()
         except BaseException as exc:
-            await self._fail(exc)
+            await self._failed(exc)
             raise
         return transferred
 
@@ -205,7 +206,7 @@ class VmaWriter:
             if remaining == 0:
                 await self._drain()
         except BaseException as exc:
-            await self._fail(exc)
+            await self._failed(exc)
             raise
         return remaining
 
@@ -218,7 +219,7 @@ class VmaWriter:
                 await self._seal_for_flush()
             await self._drain()
         except BaseException as exc:
-            await self._fail(exc)
+            await self._failed(exc)
             raise
 
     async def close(self) -> None:
@@ -266,8 +267,7 @@ class VmaWriter:
             finally:
                 self._assembler.mark_closed()
                 self._release_buffers()
-                if self._task_group is not None:
-                    self._task_group.cancel_scope.cancel()
+                self._output_scope.cancel()
                 aborted.set()
 
     def status(self) -> WriterStatus:
@@ -279,6 +279,19 @@ class VmaWriter:
     async def _fail(self, exc: BaseException) -> None:
         self._assembler.fail(_sticky_error(exc))
         await self.abort()
+
+    async def _failed(self, exc: BaseException) -> None:
+        """An exception left ``write``/``close_stream``/``flush``: abort, unless
+        it is a cancellation that found the writer's state whole.
+
+        Cancelled while waiting for a lock or a buffer, a call has changed
+        nothing (or has queued its cluster completely), so the archive can go
+        on; a cancellation in the middle of an output write is fatal, and
+        ``_drain`` has already aborted for it.  Cancelling the whole
+        ``async with`` block still aborts, in ``_exit``.
+        """
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            await self._fail(exc)
 
     def _account(self) -> None:
         stats = self.stats
@@ -305,10 +318,13 @@ class VmaWriter:
         assembler = self._assembler
         if assembler.header_written:
             return False
-        header = assembler.encode_header(
-            self._ctime if self._ctime is not None else int(time.time())
-        )
-        buffer = await self._take_buffer()
+        buffer = await self._take_buffer()  # first: a cancelled wait changes nothing
+        ctime = self._ctime if self._ctime is not None else int(time.time())
+        try:
+            header = assembler.encode_header(ctime)
+        except BaseException:
+            self._free.append(buffer)
+            raise
         buffer[: len(header)] = header
         self._enqueue(buffer, len(header))
         return True
@@ -354,39 +370,48 @@ class VmaWriter:
         nothing is in flight.  :meth:`abort` cancels a drain in progress
         through ``_drain_scope``, whichever task runs it.
         """
-        async with self._output_lock:
-            self._assembler.raise_if_failed()
-            with anyio.CancelScope() as scope:
-                self._drain_scope = scope
-                try:
-                    while self._sealed:
-                        buffer, length = self._sealed[0]
-                        await self._target.write(memoryview(buffer)[:length])
-                        self._sealed.popleft()
-                        self._sealed_bytes -= length
-                        self._free.append(buffer)
-                        self.stats.extents_written += 1
-                        self.stats.bytes_written += length
-                        self._account()
-                finally:
-                    self._drain_scope = None
-            if scope.cancelled_caught:
+        writing = False
+        try:
+            async with self._output_lock:
                 self._assembler.raise_if_failed()
+                writing = True
+                await self._write_sealed()
+                writing = False
+        except BaseException as exc:
+            if writing:  # the output holds part of an extent: nothing can follow
+                await self._fail(exc)
+            raise
+
+    async def _write_sealed(self) -> None:
+        with anyio.CancelScope() as scope:
+            self._drain_scope = scope
+            try:
+                while self._sealed:
+                    buffer, length = self._sealed[0]
+                    await self._target.write(memoryview(buffer)[:length])
+                    self._sealed.popleft()
+                    self._sealed_bytes -= length
+                    self._free.append(buffer)
+                    self.stats.extents_written += 1
+                    self.stats.bytes_written += length
+                    self._account()
+            finally:
+                self._drain_scope = None
+        if scope.cancelled_caught:
+            self._assembler.raise_if_failed()
 
     async def _run_output(self) -> None:
         """The background output task: drain whenever something is sealed.
         Failures are recorded (sticky) and abort the archive; producers see
         them at their next call."""
-        while True:
-            await self._work.wait()
-            self._work = anyio.Event()
-            try:
-                await self._drain()
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                await self._fail(exc)
-                return
+        with self._output_scope:
+            while True:
+                await self._work.wait()
+                self._work = anyio.Event()
+                try:
+                    await self._drain()
+                except Exception:
+                    return  # _drain has made it sticky and aborted
 
     def _release_buffers(self) -> None:
         buffers = [*self._free, *(b for b, _ in self._sealed)]
@@ -417,7 +442,7 @@ class VmaWriter:
             else:
                 await self._fail(exc)
         finally:
-            task_group.cancel_scope.cancel()
+            self._output_scope.cancel()
             self._task_group = None
             await task_group.__aexit__(None, None, None)
 

@@ -1,0 +1,436 @@
+"""VmaWriter end to end, under asyncio, uvloop and trio (see conftest.py).
+
+Every archive is read back by dissect.archive (an independent reader) and its
+structure checked extent by extent; device bytes and configs must be equal.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid as uuid_mod
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+import zstandard
+
+from tests.helpers_dissect import check_structure, chunks, read_with_dissect
+from tests.writer_model import ReferenceWriterModel
+from vma_async import (
+    CommandFailedError,
+    InvalidStreamError,
+    OpenStreamError,
+    TargetError,
+    TargetExistsError,
+    VmaWriter,
+    WriterAbortedError,
+)
+from vma_async._assembler import WRITER_EXTENT_SIZE
+from vma_async._targets import CommandTarget, FdTarget
+
+pytestmark = pytest.mark.anyio
+
+CLUSTER = 65536
+BLOCK = 4096
+UUID = uuid_mod.UUID("c0ffee00-1234-5678-9abc-def012345678")
+CTIME = 1_234_567_890
+CONFIGS = {"qemu-server.conf": b"memory: 2048\ncores: 2\n", "qemu-server.fw": b"[OPTIONS]\n"}
+
+
+def make_image(size: int, kind: str, rng: random.Random) -> bytes:
+    if kind == "zero":
+        return bytes(size)
+    if kind == "random":
+        return rng.randbytes(size)
+    blocks = (size + BLOCK - 1) // BLOCK
+    mixed = b"".join(
+        bytes(BLOCK) if rng.random() < 0.5 else rng.randbytes(BLOCK) for _ in range(blocks)
+    )
+    return mixed[:size]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def produce(
+    writer: VmaWriter, images: dict[str, bytes], *, producers: int = 4, seed: int = 0
+) -> None:
+    """Register every image and write it from ``producers`` concurrent tasks in
+    shuffled cluster order (the vmstate stream, if any, by its own task in
+    order); whoever writes a device's last cluster closes its stream."""
+    rng = random.Random(seed)
+    ids = {name: writer.register_stream(name, len(data)) for name, data in images.items()}
+    work = [
+        (name, c)
+        for name, data in images.items()
+        if name != "vmstate"
+        for c in range(len(chunks(data)))
+    ]
+    rng.shuffle(work)
+    remaining = {name: len(chunks(data)) for name, data in images.items()}
+
+    async def write_one(name: str, c: int) -> None:
+        data = chunks(images[name])[c]
+        # All-zero clusters go as None half the time: both spellings must work.
+        payload = None if data.count(0) == len(data) and c % 2 else data
+        expected = min(CLUSTER, len(images[name]) - c * CLUSTER) if name != "vmstate" else CLUSTER
+        assert await writer.write(ids[name], c, payload) == expected
+        await anyio.lowlevel.checkpoint()  # let the other producers interleave
+        remaining[name] -= 1
+        if remaining[name] == 0:
+            await writer.close_stream(ids[name])
+
+    async def producer() -> None:
+        while work:
+            await write_one(*work.pop())
+
+    async def vmstate_producer() -> None:
+        for c in range(len(chunks(images["vmstate"]))):
+            await write_one("vmstate", c)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(producers):
+            tg.start_soon(producer)
+        if "vmstate" in images:
+            tg.start_soon(vmstate_producer)
+
+
+def assert_archive(archive: bytes, images: dict[str, bytes], configs: dict[str, bytes]) -> None:
+    check_structure(archive)
+    got_configs, devices = read_with_dissect(archive)
+    assert got_configs == configs
+    assert devices.keys() == images.keys()
+    for name, data in images.items():
+        assert devices[name] == data, name
+
+
+SIZES = [1, 4095, 4096, 4097, 65535, 65536, 65537, 3 * CLUSTER + 5 * BLOCK, 5 * CLUSTER - 1]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", ["zero", "random", "mixed"])
+async def test_one_device(tmp_path: Path, size: int, kind: str) -> None:
+    images = {"drive-scsi0": make_image(size, kind, random.Random(size))}
+    path = tmp_path / "one.vma"
+    async with VmaWriter.open(path) as writer:
+        await produce(writer, images, producers=1)
+    assert_archive(path.read_bytes(), images, {})
+
+
+async def test_three_devices_with_configs_and_vmstate(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    images = {
+        "drive-virtio0": make_image(7 * CLUSTER + 3, "mixed", rng),
+        "drive-scsi1": make_image(1, "random", rng),
+        "drive-efidisk0": make_image(2 * CLUSTER, "zero", rng),
+        "vmstate": make_image(3 * CLUSTER + 17, "random", rng),
+    }
+    path = tmp_path / "three.vma"
+    async with VmaWriter.open(path, uuid=UUID) as writer:
+        for name, data in CONFIGS.items():
+            writer.add_config(f"/etc/pve/qemu-server/{name}", data)
+        await produce(writer, images)
+    assert_archive(path.read_bytes(), images, CONFIGS)
+    status = writer.status()
+    assert status.uuid == UUID
+    assert status.closed
+    assert status.error is None
+    assert [(s.name, s.transferred, s.finished) for s in status.streams] == [
+        ("drive-virtio0", 7 * CLUSTER + 3, True),
+        ("drive-scsi1", 1, True),
+        ("drive-efidisk0", 2 * CLUSTER, True),
+        ("vmstate", 4 * CLUSTER, True),
+    ]
+    assert status.streams[2].zero_bytes == 2 * CLUSTER
+    assert status.streams[1].zero_bytes == 15 * BLOCK
+
+
+async def test_twenty_devices_four_producers_shuffled(tmp_path: Path) -> None:
+    rng = random.Random(20)
+    kinds = ["zero", "random", "mixed"]
+    images = {
+        f"disk{i}": make_image(
+            rng.choice([*SIZES, rng.randrange(1, 6 * CLUSTER)]), kinds[i % 3], rng
+        )
+        for i in range(20)
+    }
+    path = tmp_path / "twenty.vma"
+    async with VmaWriter.open(path, buffer_count=2) as writer:
+        writer.add_config("qemu-server.conf", CONFIGS["qemu-server.conf"])
+        await produce(writer, images, producers=4, seed=7)
+    assert_archive(path.read_bytes(), images, {"qemu-server.conf": CONFIGS["qemu-server.conf"]})
+    assert writer.stats.buffered_bytes_high_water <= writer.stats.bound
+
+
+async def test_awaited_open_drains_inline(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    images = {f"d{i}": make_image(40 * CLUSTER + i, "mixed", rng) for i in range(3)}
+    path = tmp_path / "inline.vma"
+    writer = await VmaWriter.open(path, buffer_count=2)
+    await produce(writer, images, producers=4)
+    await writer.close()
+    assert_archive(path.read_bytes(), images, {})
+    assert writer.stats.extents_written == 4  # header, 58 + 58 + 4 clusters
+    assert writer.stats.buffered_bytes == 0
+
+
+async def test_bytes_identical_to_the_reference_model(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    images = {
+        "a": make_image(130 * CLUSTER + 5, "mixed", rng),
+        "b": make_image(3000, "random", rng),
+    }
+    model = ReferenceWriterModel(UUID.bytes, CTIME)
+    path = tmp_path / "model.vma"
+    async with VmaWriter.open(path, uuid=UUID, ctime=CTIME) as writer:
+        for name, data in CONFIGS.items():
+            writer.add_config(name, data)
+            model.add_config(name, data)
+        for name, data in images.items():
+            assert writer.register_stream(name, len(data)) == model.register_stream(name, len(data))
+        for dev_id, data in enumerate(images.values(), 1):
+            for c, chunk in enumerate(chunks(data)):
+                await writer.write(dev_id, c, chunk)
+                model.write(dev_id, c, chunk)
+        for dev_id in (1, 2):
+            model.close_stream(dev_id, await writer.close_stream(dev_id))
+    assert path.read_bytes() == bytes(model.out)
+
+
+async def test_archive_without_streams(tmp_path: Path) -> None:
+    flushed, closed_only = tmp_path / "flushed.vma", tmp_path / "closed.vma"
+    async with VmaWriter.open(flushed, uuid=UUID, ctime=CTIME) as writer:
+        writer.add_config("qemu-server.conf", b"x")
+        await writer.flush()
+    async with VmaWriter.open(closed_only, uuid=UUID, ctime=CTIME) as writer:
+        writer.add_config("qemu-server.conf", b"x")
+    model = ReferenceWriterModel(UUID.bytes, CTIME)
+    model.add_config("qemu-server.conf", b"x")
+    model.flush()
+    assert flushed.read_bytes() == closed_only.read_bytes() == bytes(model.out)
+    assert read_with_dissect(flushed.read_bytes()) == ({"qemu-server.conf": b"x"}, {})
+
+
+# --- targets other than a new file -------------------------------------------------
+
+
+async def test_exec_into_zstd(tmp_path: Path) -> None:
+    rng = random.Random(8)
+    images = {
+        "d0": make_image(20 * CLUSTER + 9, "mixed", rng),
+        "d1": make_image(CLUSTER, "random", rng),
+    }
+    out = tmp_path / "backup.vma.zst"
+    fds = open_fds()
+    async with VmaWriter.open(f"exec:zstd -q -o {out}") as writer:
+        writer.add_config("qemu-server.conf", b"cfg")
+        await produce(writer, images)
+    assert open_fds() == fds
+    archive = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
+    assert_archive(archive, images, {"qemu-server.conf": b"cfg"})
+
+
+async def test_fifo_read_by_another_process(tmp_path: Path) -> None:
+    fifo, out = tmp_path / "fifo", tmp_path / "out.vma"
+    os.mkfifo(fifo)
+    images = {"d": make_image(50 * CLUSTER + 1, "mixed", random.Random(9))}
+    with out.open("wb") as sink:
+        cat = await anyio.open_process(["cat", str(fifo)], stdout=sink)
+    async with cat:
+        async with VmaWriter.open(fifo) as writer:
+            await produce(writer, images)
+        with anyio.fail_after(10):
+            assert await cat.wait() == 0
+    assert_archive(out.read_bytes(), images, {})
+
+
+async def test_slow_pipe_backpressure_bounds_memory() -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    images = {f"d{i}": make_image(60 * CLUSTER, "random", random.Random(i)) for i in range(3)}
+    received = bytearray()
+
+    async with anyio.create_task_group() as tg:
+        async with VmaWriter.open(FdTarget(write_end), buffer_count=2) as writer:
+
+            async def slow_reader() -> None:
+                # Start reading only once a producer has been made to wait.
+                with anyio.fail_after(30):
+                    while writer.stats.producer_waits == 0:
+                        await anyio.lowlevel.checkpoint()
+                while True:
+                    await anyio.wait_readable(read_end)
+                    try:
+                        chunk = os.read(read_end, 4096)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        return
+                    received.extend(chunk)
+
+            tg.start_soon(slow_reader)
+            await produce(writer, images, producers=4)
+        os.close(write_end)  # the caller's fd: the writer leaves it open
+    os.close(read_end)
+
+    stats = writer.stats
+    assert stats.producer_waits > 0
+    assert stats.buffered_bytes_high_water <= stats.bound == 2 * stats.buffer_size
+    assert stats.buffered_bytes_high_water > WRITER_EXTENT_SIZE  # the whole pool was in use
+    assert stats.bytes_written == len(received)
+    assert_archive(bytes(received), images, {})
+
+
+# --- failures ------------------------------------------------------------------------
+
+last_writer: list[VmaWriter] = []
+
+
+async def write_archive(target: str | int, clusters: int) -> None:
+    """One random disk of ``clusters`` clusters, written and closed."""
+    async with VmaWriter.open(target) as writer:
+        last_writer[:] = [writer]
+        writer.register_stream("d", clusters * CLUSTER)
+        for c in range(clusters):
+            await writer.write(1, c, os.urandom(CLUSTER))
+        await writer.close_stream(1)
+
+
+async def test_existing_target_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "exists.vma"
+    path.write_bytes(b"precious")
+    fds = open_fds()
+    with pytest.raises(TargetExistsError, match=f"^can't open file {path} - File exists$"):
+        await VmaWriter.open(path)
+    assert path.read_bytes() == b"precious"
+    assert open_fds() == fds
+
+
+async def test_invalid_call_aborts_and_sticks(tmp_path: Path) -> None:
+    path = tmp_path / "bad.vma"
+    fds = open_fds()
+    writer = await VmaWriter.open(path)
+    writer.register_stream("d", CLUSTER)
+    await writer.write(1, 0, None)
+    with pytest.raises(InvalidStreamError, match="^vma_writer_write: no such stream 2$"):
+        await writer.write(2, 0, None)
+    assert not path.exists()
+    assert open_fds() == fds
+    error = writer.status().error
+    assert isinstance(error, InvalidStreamError)
+    for call in (writer.write(1, 0, None), writer.close_stream(1), writer.flush(), writer.close()):
+        with pytest.raises(InvalidStreamError) as info:
+            await call
+        assert info.value is error
+
+
+async def test_close_with_open_stream_removes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "open.vma"
+    fds = open_fds()
+
+    async def leave_b_open() -> None:
+        async with VmaWriter.open(path) as writer:
+            writer.register_stream("a", CLUSTER)
+            writer.register_stream("b", CLUSTER)
+            await writer.write(1, 0, b"x")
+            await writer.close_stream(1)
+
+    with pytest.raises(OpenStreamError, match="^vma_writer_close: detected open stream 'b'$"):
+        await leave_b_open()
+    assert not path.exists()
+    assert open_fds() == fds
+
+
+async def test_producer_that_raises_aborts(tmp_path: Path) -> None:
+    path = tmp_path / "raises.vma"
+    fds = open_fds()
+
+    async def failing_producer(writer: VmaWriter, dev_id: int) -> None:
+        for c in range(30):
+            await writer.write(dev_id, c, os.urandom(CLUSTER))
+        raise ValueError("disk read failed")
+
+    async def good_producer(writer: VmaWriter, dev_id: int) -> None:
+        for c in range(100):
+            await writer.write(dev_id, c, os.urandom(CLUSTER))
+
+    with pytest.RaisesGroup(ValueError):
+        async with VmaWriter.open(path) as writer:
+            bad, good = (
+                writer.register_stream("bad", 100 * CLUSTER),
+                writer.register_stream("ok", 100 * CLUSTER),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(failing_producer, writer, bad)
+                tg.start_soon(good_producer, writer, good)
+    assert not path.exists()
+    assert open_fds() == fds
+    error = writer.status().error
+    assert isinstance(error, WriterAbortedError)
+    # The producer's failure is the reason, unless the other producer was
+    # cancelled in the middle of an output write first (then that is).
+    cause = error.__cause__
+    if isinstance(cause, anyio.get_cancelled_exc_class()):
+        assert str(error) == "vma archive aborted: cancelled"
+    else:
+        assert str(error) == f"vma archive aborted: {cause!r}"
+        assert pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="^disk read failed$")).matches(
+            cause
+        )
+    with pytest.raises(WriterAbortedError):
+        await writer.write(good, 99, None)
+
+
+@pytest.mark.parametrize("target_kind", ["file", "exec"])
+async def test_cancellation_in_the_middle(tmp_path: Path, target_kind: str) -> None:
+    path = tmp_path / "cancelled.vma"
+    target = CommandTarget(f"cat > {tmp_path / 'piped'}") if target_kind == "exec" else path
+    fds = open_fds()
+    with anyio.CancelScope() as scope:
+        async with VmaWriter.open(target) as writer:
+            dev_id = writer.register_stream("d", 500 * CLUSTER)
+            for c in range(500):
+                await writer.write(dev_id, c, os.urandom(CLUSTER))
+                if c == 150:
+                    scope.cancel()
+    assert scope.cancelled_caught
+    assert not path.exists()
+    assert open_fds() == fds
+    assert isinstance(writer.status().error, WriterAbortedError)
+    assert str(writer.status().error) == "vma archive aborted: cancelled"
+    if isinstance(target, CommandTarget):
+        assert target.returncode == -15  # SIGTERM, and reaped
+        assert not await anyio.Path(f"/proc/{target.pid}").exists()
+
+
+async def test_failing_command_at_close(tmp_path: Path) -> None:
+    fds = open_fds()
+    command = "cat > /dev/null; exit 3"
+    writer = await VmaWriter.open(f"exec:{command}")
+    writer.register_stream("d", CLUSTER)
+    await writer.write(1, 0, b"data")
+    await writer.close_stream(1)
+    with pytest.raises(CommandFailedError, match=f"^command '{command}' exited with status 3$"):
+        await writer.close()
+    assert isinstance(writer.status().error, CommandFailedError)
+    assert open_fds() == fds
+
+
+async def test_command_that_exits_early() -> None:
+    fds = open_fds()
+    with pytest.raises(CommandFailedError, match="^command 'exit 4' exited with status 4$"):
+        await write_archive("exec:exit 4", 200)
+    assert open_fds() == fds
+
+
+async def test_output_error_is_sticky() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with pytest.raises(TargetError, match="^vma_queue_write: write error - Broken pipe$"):
+        await write_archive(write_end, 100)
+    with pytest.raises(TargetError, match="^vma_queue_write: write error - Broken pipe$"):
+        await last_writer[0].write(1, 0, None)
+    os.close(write_end)

@@ -32,7 +32,7 @@ import anyio
 
 from . import __version__
 from ._assembler import WriterStatus
-from ._errors import VmaError
+from ._errors import FormatError, SourceError, VmaError
 from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
 from ._images import create_archive, extract_archive, read_restore_map
 from ._parser import ReadSummary
@@ -439,9 +439,14 @@ async def cmd_extract(opts: Options) -> int:
         reporter = ReadReporter(mode, _counted_clusters(disks), "extract")
         return await restore_map(header) if restore_map is not None else None
 
-    result = await extract_archive(
-        source, targetdir, restore_map=start, announce=announce, progress=on_progress
-    )
+    try:
+        result = await extract_archive(
+            source, targetdir, restore_map=start, announce=announce, progress=on_progress
+        )
+    except (FormatError, SourceError) as exc:
+        if reporter is None:  # the header was bad: there was no restore yet
+            raise
+        raise type(exc)(f"restore failed - {exc}") from exc
     if reporter is not None:
         reporter.finish(result.summary)
     return 0
@@ -544,12 +549,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VmaError, OSError) as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"vma: {_one_line(exc)}\n")
+        sys.stderr.write(f"vma: {_one_line(exc, parsed.args[0])}\n")
         return 1
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, archive: str) -> str:
+    """The reference's message, on one line, with the archive named when the
+    message does not already name a file (a damaged extent, say)."""
     if isinstance(exc, OSError) and not isinstance(exc, VmaError):
         where = f"{exc.filename}: " if exc.filename is not None else ""
-        return f"{where}{exc.strerror or exc}"
-    return " ".join(str(exc).split()) or type(exc).__name__
+        message = f"{where}{exc.strerror or exc}"
+    else:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+    if archive == "-":
+        archive = "standard input"
+    return message if archive in message else f"{message} (archive {archive})"

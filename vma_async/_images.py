@@ -188,9 +188,8 @@ async def backup_image(
                     view = memoryview(buf)
                     first_cluster = offset // CLUSTER_SIZE
                     for index, data in enumerate(has_data):
+                        # The writer pads a short last cluster and elides zero blocks.
                         cluster = view[index * CLUSTER_SIZE : (index + 1) * CLUSTER_SIZE]
-                        if data and len(cluster) < CLUSTER_SIZE:
-                            cluster = memoryview(bytes(cluster).ljust(CLUSTER_SIZE, b"\0"))
                         await writer.write(dev_id, first_cluster + index, cluster if data else None)
                         if progress is not None:
                             progress()

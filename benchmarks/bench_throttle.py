@@ -9,11 +9,12 @@ Part 2 runs the real thing end to end: ``vma extract -r MAP`` of a generated
 archive with ``throttling.bps`` in the map, the map written into a FIFO by
 another process, timed from outside.
 
-Run: ``.venv/bin/python benchmarks/bench_throttle.py`` (about 20 s on 2 cores).
+Run: ``.venv/bin/python benchmarks/bench_throttle.py`` (about 30 s on 2 cores).
 """
 
 from __future__ import annotations
 
+import filecmp
 import os
 import resource
 import subprocess
@@ -91,13 +92,28 @@ def check(label: str, measured: float, limit: float) -> bool:
     return ok
 
 
+def _timed(args: list[str | Path]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def end_to_end(directory: Path) -> bool:
+    """``vma extract -r`` with ``throttling.bps``, timed from outside.
+
+    The wall clock includes a fixed cost the throttle does not govern (Python
+    start-up, imports, reading the header): measured here as the median of
+    three ``vma list`` runs of the same archive, and subtracted.
+    """
     vma = Path(sys.executable).with_name("vma")
     image = directory / "disk.raw"
-    size = int(RATE * DURATION)
-    image.write_bytes(os.urandom(size))
+    size = int(RATE * DURATION * 2)
+    with image.open("wb") as f:
+        for _ in range(0, size, 1 << 20):
+            f.write(os.urandom(1 << 20))
     archive = directory / "a.vma"
     subprocess.run([vma, "create", archive, f"drive-scsi0={image}"], check=True)
+    fixed = sorted(_timed([vma, "list", archive]) for _ in range(3))[1]
     restored = directory / "restored.raw"
     restored.write_bytes(b"")
     os.truncate(restored, size)
@@ -107,17 +123,18 @@ def end_to_end(directory: Path) -> bool:
     feeder = subprocess.Popen(
         [sys.executable, "-c", f"open({str(fifo)!r}, 'w').write({map_text!r})"]
     )
-    start = time.perf_counter()
-    subprocess.run(
-        [vma, "extract", "-r", fifo, archive, directory / "out"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    elapsed = time.perf_counter() - start
+    elapsed = _timed([vma, "extract", "-r", fifo, archive, directory / "out"])
     feeder.wait()
-    same = restored.read_bytes() == image.read_bytes()
+    same = filecmp.cmp(restored, image, shallow=False)
     print(f"end to end: restored bytes equal the image: {same}")
-    return check("vma extract -r (throttling.bps)", size / elapsed, RATE) and same
+    print(
+        f"vma extract -r: {size / 2**20:.0f} MiB in {elapsed:.2f} s wall clock"
+        f" ({size / elapsed / 2**20:.2f} MiB/s), fixed start-up cost {fixed:.2f} s"
+    )
+    return (
+        check("vma extract -r (throttling.bps), start-up excluded", size / (elapsed - fixed), RATE)
+        and same
+    )
 
 
 async def in_process(directory: Path) -> bool:
@@ -142,7 +159,7 @@ def main() -> int:
         ok &= end_to_end(directory)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak RSS: {peak:.1f} MiB (this process), {children:.1f} MiB (largest vma child)")
+    print(f"peak RSS: {peak:.1f} MiB (this process), {children:.1f} MiB (largest child process)")
     return 0 if ok else 1
 
 

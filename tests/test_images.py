@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import anyio
 import pytest
 
-from vma_async import RestoreMapError, SourceError, UnsafeNameError
+from vma_async import (
+    FormatError,
+    RestoreMapError,
+    SourceError,
+    StreamStatus,
+    UnsafeNameError,
+    WriterStatus,
+)
 from vma_async._format import CLUSTER_SIZE
 from vma_async._images import (
     RateLimiter,
     ThrottledSink,
+    _CreatedFiles,
     _read_chunk,
+    backup_image,
     check_file_name,
+    create_archive,
+    extract_archive,
     open_image,
     read_restore_map,
 )
@@ -206,3 +218,135 @@ async def test_read_restore_map_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RestoreMapError) as info:
         await read_restore_map(tmp_path / "nope")
     assert str(info.value) == f"unable to open fifo {tmp_path / 'nope'} - No such file or directory"
+
+
+# --- producers and the one-call layer, in process ------------------------------------------
+
+
+class RecordingWriter:
+    """Just enough of VmaWriter for :func:`backup_image`: records what it is given."""
+
+    def __init__(self, dev_id: int, size: int) -> None:
+        self.size = size
+        self.dev_id = dev_id
+        self.writes: list[tuple[int, bytes | None]] = []
+        self.closed = False
+
+    def status(self) -> WriterStatus:
+        stream = StreamStatus(self.dev_id, "d", self.size, 0, 0, False)
+        return WriterStatus(uuid.uuid4(), False, None, (stream,))
+
+    async def write(self, dev_id: int, cluster_num: int, data: bytes | memoryview | None) -> int:
+        assert dev_id == self.dev_id
+        self.writes.append((cluster_num, None if data is None else bytes(data)))
+        return CLUSTER_SIZE
+
+    async def close_stream(self, dev_id: int) -> int:
+        self.closed = True
+        return 0
+
+
+@pytest.mark.anyio
+async def test_backup_image_passes_holes_as_no_data(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.raw"
+    expected = _sparse_image(path)
+    writer = RecordingWriter(3, len(expected) + 512)  # rounded up past the file
+    await backup_image(writer, 3, path)  # type: ignore[arg-type]
+    assert writer.closed
+    assert [n for n, _ in writer.writes] == list(range(17))
+    # cluster 16 lies past the end of the file: zeros, so no data either
+    assert [n for n, data in writer.writes if data is not None] == [0, 5, 15]
+    for n, data in writer.writes:
+        if data is not None:
+            assert data == expected[n * CLUSTER_SIZE : (n + 1) * CLUSTER_SIZE].ljust(
+                len(data), b"\0"
+            )
+
+
+@pytest.mark.anyio
+async def test_create_and_extract_round_trip_in_process(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    expected = _sparse_image(disk)
+    state = tmp_path / "state.bin"
+    state.write_bytes(os.urandom(100_000))
+    status = await create_archive(
+        tmp_path / "a.vma",
+        [("drive-scsi0", disk), ("vmstate", state)],
+        configs=[("/etc/pve/qemu-server/100.conf", b"cores: 2\n")],
+    )
+    assert [(s.name, s.size, s.transferred) for s in status.streams] == [
+        ("drive-scsi0", len(expected), len(expected)),
+        ("vmstate", 100_000, 2 * CLUSTER_SIZE),  # vmstate counts whole clusters
+    ]
+    announced: list[tuple[str, int]] = []
+    result = await extract_archive(
+        tmp_path / "a.vma", tmp_path / "out", announce=lambda p, s: announced.append((p, s))
+    )
+    assert announced == [(f"{tmp_path}/out/tmp-disk-drive-scsi0.raw", len(expected))]
+    assert sorted(result.files) == ["100.conf", "disk-drive-scsi0.raw", "vmstate.bin"]
+    assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == expected
+    # as in the reference, vmstate is restored in whole clusters
+    vmstate = state.read_bytes().ljust(2 * CLUSTER_SIZE, b"\0")
+    assert (tmp_path / "out" / "vmstate.bin").read_bytes() == vmstate
+    assert (tmp_path / "out" / "100.conf").read_bytes() == b"cores: 2\n"
+
+
+@pytest.mark.anyio
+async def test_create_archive_failure_removes_the_partial_archive(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(8 * CLUSTER_SIZE))
+
+    def fail_midway(status: WriterStatus) -> None:
+        if status.streams[0].transferred >= 2 * CLUSTER_SIZE:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        await create_archive(tmp_path / "a.vma", [("d", disk)], progress=fail_midway)
+    assert os.listdir(tmp_path) == ["disk.raw"]
+
+
+@pytest.mark.anyio
+async def test_create_archive_opens_every_image_before_the_archive(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"x" * 512)
+    with pytest.raises(SourceError) as info:
+        await create_archive(tmp_path / "a.vma", [("a", disk), ("b", tmp_path / "missing")])
+    assert (
+        str(info.value) == f"bdrv_open '{tmp_path / 'missing'}' failed - No such file or directory"
+    )
+    assert not (tmp_path / "a.vma").exists()
+
+
+@pytest.mark.anyio
+async def test_extract_failure_removes_everything_it_created(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(4 * CLUSTER_SIZE))
+    await create_archive(tmp_path / "a.vma", [("d", disk)], configs=[("c.conf", b"c")])
+    data = (tmp_path / "a.vma").read_bytes()
+    (tmp_path / "cut.vma").write_bytes(data[: len(data) - 4096])
+    with pytest.raises(FormatError):
+        await extract_archive(tmp_path / "cut.vma", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_created_files_never_follow_a_planted_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (target / "tmp-disk-d.raw").symlink_to(victim)
+    dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        files = _CreatedFiles(dir_fd)
+        with pytest.raises(FileExistsError):
+            files.create("tmp-disk-d.raw")
+        fd = files.create("config")
+        os.close(fd)
+        (target / "disk-d.raw").symlink_to(victim)
+        with pytest.raises(FileExistsError):
+            files.rename("config", "disk-d.raw")  # never replaces what is there
+        files.remove_all()
+    finally:
+        os.close(dir_fd)
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in target.iterdir()) == ["disk-d.raw", "tmp-disk-d.raw"]

@@ -604,3 +604,52 @@ def test_options_may_follow_positionals_as_with_gnu_getopt(tmp_path: Path) -> No
     assert vma("verify", "h.vma", "-v", cwd=tmp_path).stdout.decode().splitlines()[-2] == (
         "total bytes read 65536, sparse bytes 0 (0%)"
     )
+
+
+# --- the live progress bar on a terminal ----------------------------------------------------
+
+
+def run_on_a_terminal(args: Sequence[str], cwd: Path) -> tuple[int, bytes]:
+    """Run vma with stderr on a pseudo-terminal; return (status, what it showed)."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [VMA, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=slave, env=ENV
+        )
+        os.close(slave)
+        shown = bytearray()
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return process.wait(timeout=60), bytes(shown)
+    finally:
+        os.close(master)
+
+
+def test_a_terminal_gets_a_progress_bar_and_a_summary(tmp_path: Path) -> None:
+    make_image(tmp_path / "g.raw", GOLDEN_CLUSTERS, tail=GOLDEN_TAIL)
+    status, shown = run_on_a_terminal(["create", "g.vma", "g.raw", "x=g.raw"], tmp_path)
+    assert status == 0
+    text = shown.decode()
+    assert "\rcreate [" in text
+    assert "ETA" in text
+    assert "| disk0 " in text  # per device
+    assert " x " in text
+    assert "progress " not in text  # not the -v lines
+    last = text.replace("\r\n", "\n").rstrip("\n").split("\r")[-1]
+    assert last.startswith("\x1b[Kcreate: 2.1 MiB in ")
+    assert last.endswith("/s)")
+    status, shown = run_on_a_terminal(["verify", "g.vma"], tmp_path)
+    assert status == 0
+    text = shown.decode()
+    assert "\rverify [########################] 100.0% 2.2 MiB/2.2 MiB " in text
+    assert "\r\x1b[Kverify: 2.2 MiB in " in text
+    status, shown = run_on_a_terminal(["verify", "--quiet", "g.vma"], tmp_path)
+    assert (status, shown) == (0, b"")

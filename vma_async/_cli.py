@@ -325,19 +325,22 @@ class ReadReporter:
     cluster in between is replayed so the same lines come out.
     """
 
-    def __init__(self, mode: str, cluster_count: int, label: str) -> None:
+    def __init__(
+        self, mode: str, walked: Sequence[DeviceInfo], counted: Sequence[DeviceInfo], label: str
+    ) -> None:
         self._mode = mode
-        self._cluster_count = cluster_count
+        self._cluster_count = sum(dev.size // CLUSTER_SIZE for dev in counted)
         self._clusters = 0
         self._percent = 0
         self._start = time.time()
-        self._total_bytes = cluster_count * CLUSTER_SIZE
+        # The bar counts every cluster walked, partial last ones included, so it ends at 100 %.
+        self._bar_total = sum(dev.cluster_count for dev in walked) * CLUSTER_SIZE
         self._bar = ProgressBar(sys.stderr, label) if mode == "bar" else None
 
     def __call__(self, progress: ReadProgress) -> None:
         if self._bar is not None:
-            total = max(progress.cluster_total * CLUSTER_SIZE, self._total_bytes)
-            self._bar.update(progress.clusters_read * CLUSTER_SIZE, total)
+            done = progress.clusters_read * CLUSTER_SIZE
+            self._bar.update(done, max(done, self._bar_total))
             return
         if self._mode != "lines" or not self._cluster_count:
             return
@@ -370,10 +373,6 @@ def _progress_mode(opts: Options) -> str:
     return "bar" if sys.stderr.isatty() else "none"
 
 
-def _counted_clusters(devices: Sequence[DeviceInfo]) -> int:
-    return sum(dev.size // CLUSTER_SIZE for dev in devices)
-
-
 # --- commands ------------------------------------------------------------------------
 
 
@@ -402,7 +401,8 @@ async def cmd_verify(opts: Options) -> int:
         header = reader.header
         if opts.verbose and not opts.quiet:
             _emit(sys.stdout, content_lines(header))
-        reporter = ReadReporter(_progress_mode(opts), _counted_clusters(header.devices), "verify")
+        devices = header.devices
+        reporter = ReadReporter(_progress_mode(opts), devices, devices, "verify")
         try:
             summary = await reader.verify(progress=reporter)
         except VmaError as exc:
@@ -435,8 +435,9 @@ async def cmd_extract(opts: Options) -> int:
 
     async def start(header: ArchiveHeader) -> Mapping[str, RestoreMapEntry] | None:
         nonlocal reporter
+        # The reference's extract counts only disks in its percentage.
         disks = [dev for dev in header.devices if not dev.is_vmstate]
-        reporter = ReadReporter(mode, _counted_clusters(disks), "extract")
+        reporter = ReadReporter(mode, header.devices, disks, "extract")
         return await restore_map(header) if restore_map is not None else None
 
     try:

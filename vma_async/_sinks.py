@@ -20,6 +20,7 @@ Writes to regular files and block devices run in a worker thread; a
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -201,6 +202,9 @@ class RawFileSink(_FileSink):
             os.ftruncate(self._fd, self.size)
         except OSError as exc:
             raise SinkError(f"can't set the size of {self._name} - {exc.strerror}") from exc
+        except OverflowError as exc:  # a header may claim up to 2**64 - 1 bytes
+            reason = os.strerror(errno.EFBIG)
+            raise SinkError(f"can't set the size of {self._name} - {reason}") from exc
 
     async def abort(self) -> None:
         await self.aclose()

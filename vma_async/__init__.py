@@ -22,8 +22,20 @@ from ._format import (
     DeviceInfo,
     ExtentHeader,
 )
+from ._images import (
+    ExtractResult,
+    Image,
+    RateLimiter,
+    ThrottledSink,
+    backup_image,
+    create_archive,
+    extract_archive,
+    open_image,
+    read_restore_map,
+)
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._reader import DeviceView, ReadProgress, VmaReader
+from ._restore_map import RestoreMapEntry, parse_restore_map
 from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
 from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
 from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
@@ -59,6 +71,17 @@ __all__ = [
     "VmaWriter",
     "WriterStats",
     "WriterStatus",
+    "ExtractResult",
+    "Image",
+    "RateLimiter",
+    "RestoreMapEntry",
+    "ThrottledSink",
+    "backup_image",
+    "create_archive",
+    "extract_archive",
+    "open_image",
+    "parse_restore_map",
+    "read_restore_map",
     "__version__",
     *_error_names,
 ]

@@ -30,14 +30,24 @@ from typing import TextIO
 
 import anyio
 
-from . import __version__
-from ._assembler import WriterStatus
-from ._errors import FormatError, SourceError, VmaError
-from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
-from ._images import create_archive, extract_archive, read_restore_map
-from ._parser import ReadSummary
-from ._reader import ReadProgress, VmaReader
-from ._restore_map import RestoreMapEntry
+# The public API only: the command is a client of the library like any other.
+from . import (
+    CLUSTER_SIZE,
+    ArchiveHeader,
+    DeviceInfo,
+    FormatError,
+    ReadProgress,
+    ReadSummary,
+    RestoreMapEntry,
+    SourceError,
+    VmaError,
+    VmaReader,
+    WriterStatus,
+    __version__,
+    create_archive,
+    extract_archive,
+    read_restore_map,
+)
 
 USAGE = """\
 usage: vma command [command options]

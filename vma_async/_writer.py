@@ -180,9 +180,25 @@ class VmaWriter:
 
     async def write(self, dev_id: int, cluster_num: int, data: ClusterData | None = None) -> int:
         """Queue one 64 KiB cluster (``None``: all zero; shorter: zero-padded);
-        return the bytes transferred.  Awaits when the output is behind."""
+        return the bytes transferred.  Awaits when the output is behind.
+
+        The data is copied before this returns.  A call that finds room in the
+        open extent and nobody holding the lock packs at once, without
+        awaiting (nothing can interleave, so it is atomic); the others take
+        the lock and may wait for a buffer.  Either way the event loop gets
+        control at least once per extent (58 clusters), when it is sealed.
+        """
+        assembler = self._assembler
+        if assembler.extent_open and not assembler.extent_full and not self._lock.locked():
+            try:
+                assembler.check_write(dev_id, cluster_num)
+                transferred = assembler.add_cluster(dev_id, cluster_num, data)
+            except BaseException as exc:
+                await self._failed(exc)
+                raise
+            self._account()
+            return transferred
         try:
-            await anyio.lowlevel.checkpoint_if_cancelled()
             async with self._lock:
                 self._assembler.check_write(dev_id, cluster_num)
                 sealed = await self._make_room()

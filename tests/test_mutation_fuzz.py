@@ -55,8 +55,9 @@ HEADER_FIXED = 12288
 EXTENT_HEADER = 512
 TIME_LIMIT = 10.0
 """Seconds one input may take (the valid inputs take milliseconds)."""
-MEMORY_LIMIT = 48 << 20
-"""Traced bytes one input may allocate at peak: a few extents and a batch of
+MEMORY_LIMIT = 64 << 20
+"""Traced bytes one input may allocate at peak (the in-memory restore and
+dissect's copy for the comparison included): a few extents and a batch of
 reads, whatever sizes the archive claims."""
 COMPARE_LIMIT = 16 << 20
 """Restores of devices up to this size are compared with dissect.archive."""

@@ -256,30 +256,28 @@ class _GzipReader:
         self._raw = raw
         self._z = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         self._input = b""
-        self._eof = False
 
     def read(self, size: int) -> bytes:
         while True:
             if self._z.eof:
-                rest = self._z.unused_data
+                # unused_data already holds any input not yet consumed
+                self._input = self._z.unused_data
                 self._z = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                self._input = rest + self._input
                 if not self._input:
                     self._input = self._raw.read(_COMPRESSED_READ)
                     if not self._input:
-                        return b""
-            if not self._input and not self._eof:
+                        return b""  # a clean end between members
+            if not self._input:
                 self._input = self._raw.read(_COMPRESSED_READ)
-                self._eof = not self._input
+                if not self._input:
+                    raise SourceError("gzip decompression failed - unexpected end of data")
             try:
                 out = self._z.decompress(self._input, size)
             except zlib.error as exc:
                 raise SourceError(f"gzip decompression failed - {exc}") from exc
-            self._input = self._z.unconsumed_tail
+            self._input = self._z.unused_data if self._z.eof else self._z.unconsumed_tail
             if out:
                 return out
-            if self._eof and not self._z.eof:
-                raise SourceError("gzip decompression failed - unexpected end of data")
 
 
 class _DecompressingSource(ArchiveSource):

@@ -1,0 +1,172 @@
+"""The shipped sinks, on their own: sparse raw files, existing targets and their
+size tolerance, the sequential vmstate sink, and the callback adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vma_async import (
+    CallbackSink,
+    DeviceInfo,
+    DeviceSizeError,
+    ExistingFileSink,
+    RawFileSink,
+    SequentialSink,
+    SinkError,
+    TargetExistsError,
+)
+
+pytestmark = pytest.mark.anyio
+MIB = 1 << 20
+
+
+async def test_raw_file_is_sparse_and_exactly_sized(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    sink = RawFileSink(path, 10 * MIB + 123)
+    await sink.prepare(DeviceInfo(1, "disk0", 10 * MIB + 123))
+    await sink.write_many([(4096, b"a" * 4096), (8192, memoryview(b"b" * 4096)), (MIB, b"c")])
+    await sink.write(5 * MIB, b"d" * 10)
+    await sink.flush()
+    await sink.aclose()
+    data = path.read_bytes()
+    assert len(data) == 10 * MIB + 123
+    assert data[4096:12288] == b"a" * 4096 + b"b" * 4096
+    assert data[MIB : MIB + 1] == b"c"
+    assert data[5 * MIB : 5 * MIB + 10] == b"d" * 10
+    assert data.count(0) == len(data) - 8192 - 11
+    assert os.stat(path).st_blocks * 512 < MIB  # holes stay holes
+
+
+async def test_raw_file_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"precious")
+    sink = RawFileSink(path, 100)
+    with pytest.raises(TargetExistsError) as info:
+        await sink.write(0, b"x")
+    assert str(info.value) == f"can't create file {path} - file exists"
+    await sink.abort()
+    assert path.read_bytes() == b"precious"
+
+
+async def test_raw_file_abort_removes_what_it_created(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    sink = RawFileSink(path, 100)
+    await sink.write(0, b"x")
+    await sink.abort()
+    assert not path.exists()
+
+
+async def test_raw_file_write_zeroes(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    sink = RawFileSink(path, 3 * MIB)
+    await sink.write_zeroes(0, 3 * MIB)
+    await sink.aclose()
+    assert path.read_bytes() == bytes(3 * MIB)
+    assert os.stat(path).st_blocks * 512 >= 3 * MIB
+
+
+async def test_raw_file_takes_over_an_fd(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "disk.raw", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    sink = RawFileSink(fd, 8192)
+    await sink.write(4096, b"z" * 4096)
+    await sink.aclose()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
+    assert (tmp_path / "disk.raw").read_bytes() == bytes(4096) + b"z" * 4096
+
+
+@pytest.mark.parametrize("extra", [0, 4 * MIB])
+async def test_existing_file_within_tolerance(tmp_path: Path, extra: int) -> None:
+    path = tmp_path / "target"
+    path.write_bytes(b"\xff" * (MIB + extra))
+    sink = ExistingFileSink(path, MIB)
+    await sink.prepare(DeviceInfo(1, "disk0", MIB))
+    await sink.write_zeroes(0, 4096)
+    await sink.write(4096, b"q")
+    await sink.aclose()
+    data = path.read_bytes()
+    assert data[:4097] == bytes(4096) + b"q"
+    assert len(data) == MIB + extra
+
+
+@pytest.mark.parametrize("actual", [MIB - 1, MIB + 4 * MIB + 1])
+async def test_existing_file_size_mismatch(tmp_path: Path, actual: int) -> None:
+    path = tmp_path / "target"
+    path.write_bytes(b"")
+    os.truncate(path, actual)
+    sink = ExistingFileSink(path, MIB)
+    with pytest.raises(DeviceSizeError) as info:
+        await sink.prepare(DeviceInfo(1, "disk0", MIB))
+    assert str(info.value) == (
+        f"vma_reader_register_bs for stream disk0 failed - unexpected size {actual} != {MIB}"
+    )
+    await sink.aclose()
+
+
+async def test_existing_file_must_exist(tmp_path: Path) -> None:
+    sink = ExistingFileSink(tmp_path / "none", MIB)
+    with pytest.raises(SinkError) as info:
+        await sink.write(0, b"x")
+    assert str(info.value) == f"can't open file {tmp_path / 'none'} - No such file or directory"
+
+
+async def test_sequential_sink_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "vmstate.bin"
+    sink = SequentialSink(path)
+    await sink.write(0, b"abc")
+    await sink.write_zeroes(3, 2)
+    await sink.write(5, b"z")
+    with pytest.raises(SinkError) as info:
+        await sink.write(100, b"late")
+    assert str(info.value) == "write vmstate failed - offset 100 is not the next one (6)"
+    await sink.flush()
+    await sink.aclose()
+    assert path.read_bytes() == b"abc\0\0z"
+
+
+async def test_sequential_sink_to_a_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    sink = SequentialSink(write_fd)
+    await sink.write(0, b"x" * 1000)
+    await sink.flush()
+    await sink.aclose()
+    assert os.read(read_fd, 2000) == b"x" * 1000
+    assert os.read(read_fd, 10) == b""  # the sink closed the write end it took over
+    os.close(read_fd)
+
+
+async def test_sequential_sink_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "vmstate.bin"
+    path.write_bytes(b"old")
+    sink = SequentialSink(path)
+    with pytest.raises(TargetExistsError):
+        await sink.write(0, b"new")
+    await sink.abort()
+    assert path.read_bytes() == b"old"
+
+
+async def test_callback_sink() -> None:
+    calls: list[tuple[str, int, int]] = []
+
+    async def write(offset: int, data: memoryview) -> None:
+        calls.append(("w", offset, len(data)))
+
+    async def flush() -> None:
+        calls.append(("f", 0, 0))
+
+    sink = CallbackSink(write, flush=flush)
+    await sink.write(10, b"abc")
+    await sink.write_zeroes(0, 3 * MIB + 5)
+    await sink.flush()
+    await sink.aclose()
+    assert calls == [
+        ("w", 10, 3),
+        ("w", 0, MIB),
+        ("w", MIB, MIB),
+        ("w", 2 * MIB, MIB),
+        ("w", 3 * MIB, 5),
+        ("f", 0, 0),
+    ]

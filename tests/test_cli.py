@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -653,3 +654,30 @@ def test_a_terminal_gets_a_progress_bar_and_a_summary(tmp_path: Path) -> None:
     assert "\r\x1b[Kverify: 2.2 MiB in " in text
     status, shown = run_on_a_terminal(["verify", "--quiet", "g.vma"], tmp_path)
     assert (status, shown) == (0, b"")
+
+
+# --- interruption ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_create_cleans_up(
+    tmp_path: Path, images: dict[str, bytes], signum: int
+) -> None:
+    """Killed mid-archive (the exec: command has said it is running, and keeps
+    the archive waiting), vma stops its command, reaps it and exits 130."""
+    ready = tmp_path / "ready.fifo"
+    os.mkfifo(ready)
+    process = subprocess.Popen(
+        [VMA, "create", f"exec:echo $$ > {ready}; exec sleep 60", "disk0.raw"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    with open(ready) as f:
+        child = int(f.read())
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == 130
+    assert process.stderr is not None
+    assert process.stderr.read() == b"vma: interrupted\n"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # terminated and reaped, not left running or a zombie

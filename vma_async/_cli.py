@@ -20,6 +20,7 @@ from __future__ import annotations
 import getopt
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -546,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit(sys.stdout, USAGE)
         return 1
     debug = parsed.debug
+    # SIGTERM takes Ctrl-C's path, so that a killed `create` or `extract` also
+    # cancels its tasks and removes what it had created.
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         return anyio.run(
             COMMANDS[parsed.command], parsed, backend=backend, backend_options=backend_options

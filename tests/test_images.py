@@ -18,6 +18,7 @@ from vma_async import (
     UnsafeNameError,
     WriterStatus,
 )
+from vma_async import _images as images_module
 from vma_async._format import CLUSTER_SIZE
 from vma_async._images import (
     RateLimiter,
@@ -350,3 +351,21 @@ def test_created_files_never_follow_a_planted_symlink(tmp_path: Path) -> None:
         os.close(dir_fd)
     assert victim.read_bytes() == b"precious"
     assert sorted(p.name for p in target.iterdir()) == ["disk-d.raw", "tmp-disk-d.raw"]
+
+
+@pytest.mark.anyio
+async def test_a_read_error_is_a_source_error_naming_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"x" * CLUSTER_SIZE)
+
+    def failing_read(fd: int, offset: int, length: int, file_end: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(images_module, "_read_chunk", failing_read)
+    writer = RecordingWriter(1, CLUSTER_SIZE)
+    with pytest.raises(SourceError) as info:
+        await backup_image(writer, 1, path)  # type: ignore[arg-type]
+    assert str(info.value) == f"read error on '{path}' at offset 0 - Input/output error"
+    assert not writer.closed

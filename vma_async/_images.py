@@ -176,9 +176,14 @@ async def backup_image(
             async with send:
                 for offset in range(0, size, READ_CHUNK):
                     length = min(READ_CHUNK, size - offset)
-                    chunk = await anyio.to_thread.run_sync(
-                        _read_chunk, opened.fd, offset, length, file_end
-                    )
+                    try:
+                        chunk = await anyio.to_thread.run_sync(
+                            _read_chunk, opened.fd, offset, length, file_end
+                        )
+                    except OSError as exc:
+                        raise SourceError(
+                            f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
+                        ) from exc
                     await send.send((offset, *chunk))
 
         async with anyio.create_task_group() as tg:
@@ -194,8 +199,8 @@ async def backup_image(
                         if progress is not None:
                             progress()
         await writer.close_stream(dev_id)
-    except OSError as exc:
-        raise SourceError(f"read error on '{opened.path}' - {exc.strerror}") from exc
+    except BaseExceptionGroup as group:
+        raise _unwrap_group(group) from None
     finally:
         if own:
             opened.close()

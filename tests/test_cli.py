@@ -681,3 +681,11 @@ def test_an_interrupted_create_cleans_up(
     assert process.stderr.read() == b"vma: interrupted\n"
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # terminated and reaped, not left running or a zombie
+
+
+def test_names_that_are_not_utf8_are_printed_as_raw_bytes(tmp_path: Path) -> None:
+    craft_archive(tmp_path / "h.vma", [("c\udcff", b"x")], {1: ("d\udcfe", CLUSTER_SIZE)})
+    out = vma("list", "h.vma", cwd=tmp_path).stdout
+    assert out.startswith(b"CFG: size: 1 name: c\xff\nDEV: dev_id=1 size: 65536 devname: d\xfe\n")
+    vma("extract", "h.vma", "out", cwd=tmp_path)
+    assert sorted(os.listdir(os.fsencode(tmp_path / "out"))) == [b"c\xff", b"disk-d\xfe.raw"]

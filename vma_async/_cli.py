@@ -537,6 +537,10 @@ def _backend() -> tuple[str, dict[str, bool]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vma`` command; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
+    # Names from an archive are bytes; print them as the reference does, raw.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     try:
         parsed = parse_args(args)
         if isinstance(parsed, str):

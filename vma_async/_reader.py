@@ -214,9 +214,10 @@ class VmaReader:
         """Every extent, checked, in archive order; the end-of-archive checks
         (missing clusters) run after the last one."""
         self._claim_stream()
-        async for batch, _ in self._batches():
-            for extent in batch:
-                yield extent
+        async with contextlib.aclosing(self._batches()) as batches:
+            async for batch, _ in batches:
+                for extent in batch:
+                    yield extent
 
     def _progress_total(self, dev_ids: Sequence[int]) -> int:
         return sum(d.size // CLUSTER_SIZE for d in self._header.devices if d.dev_id in dev_ids)
@@ -243,10 +244,13 @@ class VmaReader:
         self._claim_stream()
         started = time.monotonic()
         total = self._progress_total([d.dev_id for d in self._header.devices])
-        async for _, summary in self._batches():
-            await self._report(progress, total, started)
-            if summary is not None:
-                return summary
+        # aclosing: a cancelled walk must not leave the generator to be
+        # finalised later by a task of the event loop's own.
+        async with contextlib.aclosing(self._batches()) as batches:
+            async for _, summary in batches:
+                await self._report(progress, total, started)
+                if summary is not None:
+                    return summary
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- restore --------------------------------------------------------------------------------
@@ -313,8 +317,11 @@ class VmaReader:
                     send, receive = anyio.create_memory_object_stream[_DeviceBatch](_SINK_QUEUE)
                     senders[dev_id] = send
                     tg.start_soon(_drain_to_sink, sink, receive, dev_id == vmstate_id)
-                async with _ClosingAll(senders.values()):
-                    async for batch, summary in self._batches():  # noqa: B007 - kept after
+                async with (
+                    _ClosingAll(senders.values()),
+                    contextlib.aclosing(self._batches()) as batches,
+                ):
+                    async for batch, summary in batches:  # noqa: B007 - kept after
                         for extent in batch:
                             await _dispatch(extent, senders, write_zeroes, vmstate_id)
                             await self._report(progress, total, started)

@@ -22,7 +22,7 @@ import inspect
 import math
 import time
 from array import array
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
@@ -189,7 +189,9 @@ class VmaReader:
                 size += event.header.data_size
         return batch, None
 
-    async def _batches(self) -> AsyncIterator[tuple[list[ParsedExtent], ReadSummary | None]]:
+    async def _batches(
+        self,
+    ) -> AsyncGenerator[tuple[list[ParsedExtent], ReadSummary | None], None]:
         parser, source = self._parser, self._source
         while True:
             if source.blocking:

@@ -49,11 +49,18 @@ def fds_open_on(path: Path) -> list[str]:
     return found
 
 
-async def wait_for_group(pgid: int, members: int) -> None:
-    """Wait (bounded) until the command's process group has started up; the
-    state of another process has no event to await."""
+async def wait_for_group(pgid: int, members: int, *, at_least: bool = True) -> None:
+    """Wait (bounded) until the command's process group has at least (or, when
+    ending, at most) ``members`` live processes.  The state of processes that
+    are not our children has no event to await, and a SIGKILLed grandchild
+    dies a moment after ``kill`` returns."""
+
+    def reached() -> bool:
+        count = len(process_group_members(pgid))
+        return count >= members if at_least else count <= members
+
     with anyio.fail_after(10):
-        while len(process_group_members(pgid)) < members:  # noqa: ASYNC110 - see docstring
+        while not reached():  # noqa: ASYNC110
             await anyio.sleep(0.01)
 
 
@@ -256,7 +263,7 @@ async def test_command_abort_ends_the_whole_pipeline() -> None:
     await wait_for_group(target.pid or 0, 3)  # sh, cat, sleep
     await target.abort()
     assert target.returncode == -15
-    assert process_group_members(target.pid or 0) == []
+    await wait_for_group(target.pid or 0, 0, at_least=False)
     assert open_fds() == fds
 
 
@@ -266,7 +273,7 @@ async def test_command_ignoring_sigterm_is_killed_after_the_grace_period() -> No
     await wait_for_group(target.pid or 0, 2)  # sh, and sleep: the trap is set
     await target.abort()
     assert target.returncode == -9
-    assert process_group_members(target.pid or 0) == []
+    await wait_for_group(target.pid or 0, 0, at_least=False)
 
 
 # --- picking a target ---------------------------------------------------------------------

@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument("--no-trace", action="store_true", help="skip the tracemalloc check")
     args = parser.parse_args()
 
+    args.crashes.mkdir(parents=True, exist_ok=True)
     if not args.no_trace:
         tracemalloc.start()
     started = time.monotonic()

@@ -320,13 +320,14 @@ async def read_restore(data: bytes, source: object) -> None:
     async with await VmaReader.open(source) as reader:  # type: ignore[arg-type]
         header = reader.header
         small = sum(d.size for d in header.devices) <= COMPARE_LIMIT
-        restored: dict[str, bytearray] = {}
+        restored: dict[int, bytearray] = {}
         sinks: dict[str | int, Sink] = {}
         for dev in header.devices:
-            buffer = restored.setdefault(dev.name, bytearray()) if small else None
+            buffer = restored.setdefault(dev.dev_id, bytearray()) if small else None
             sinks[dev.dev_id] = CallbackSink(_collect(buffer, dev.size, dev.is_vmstate))
         await reader.restore(sinks, write_zeroes=False)
-    if not small:
+    names = [dev.name for dev in header.devices]
+    if not small or len(set(names)) != len(names):  # dissect keys devices by name
         return
     try:
         expected = dissect_devices(data)
@@ -335,7 +336,7 @@ async def read_restore(data: bytes, source: object) -> None:
         # reference skips for its zero size): no second opinion to compare.
         raise DissectRefused from exc
     for dev in header.devices:
-        got = bytes(restored[dev.name])
+        got = bytes(restored[dev.dev_id])
         if dev.is_vmstate:
             got = got[: dev.size]  # dissect clips the stream at its recorded size
         else:

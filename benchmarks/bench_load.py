@@ -183,6 +183,5 @@ if __name__ == "__main__":
     options: dict[str, Any] = {"use_uvloop": True} if args.backend == "uvloop" else {}
     print(f"backend {args.backend}, peak RSS of the process before: {rss() / 2**20:.0f} MiB")
     anyio.run(main, args.jobs, backend=backend, backend_options=options)
-    print(
-        f"peak RSS of the process: {__import__('resource').getrusage(0).ru_maxrss / 1024:.0f} MiB"
-    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of the process: {peak:.0f} MiB")

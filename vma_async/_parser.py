@@ -72,7 +72,6 @@ from ._format import (
     EXTENT_HEADER_SIZE,
     FULL_MASK,
     HEADER_FIXED_SIZE,
-    MAX_CLUSTER_NUM,
     VMA_MAGIC,
     ArchiveHeader,
     DeviceInfo,
@@ -127,6 +126,9 @@ def mask_runs(mask: int) -> tuple[tuple[int, int, bool], ...]:
 
 _PAGE_BYTES: Final = 256
 _PAGE_CLUSTERS: Final = _PAGE_BYTES * 8
+_PAGE_SHIFT: Final = 11
+_BYTE_MASK: Final = _PAGE_BYTES - 1
+assert 1 << _PAGE_SHIFT == _PAGE_CLUSTERS
 _FULL_PAGE: Final = b"\xff" * _PAGE_BYTES
 
 
@@ -136,18 +138,20 @@ class SeenBitmap:
     See the module docstring for why it is paged rather than dense.
     """
 
-    __slots__ = ("_cluster_count", "_pages")
+    __slots__ = ("_cluster_count", "pages")
 
     def __init__(self, cluster_count: int) -> None:
         self._cluster_count = cluster_count
-        self._pages: dict[int, bytearray] = {}
+        self.pages: dict[int, bytearray] = {}
+        """Page index (cluster >> 11) -> 256 bytes; the parser's hot loop
+        reads and sets bits here directly."""
 
     def test_and_set(self, cluster_num: int) -> bool:
         """Mark ``cluster_num`` seen; return whether it was seen before."""
         page_index, bit = divmod(cluster_num, _PAGE_CLUSTERS)
-        page = self._pages.get(page_index)
+        page = self.pages.get(page_index)
         if page is None:
-            page = self._pages[page_index] = bytearray(_PAGE_BYTES)
+            page = self.pages[page_index] = bytearray(_PAGE_BYTES)
         byte_index = bit >> 3
         flag = 1 << (bit & 7)
         if page[byte_index] & flag:
@@ -160,7 +164,7 @@ class SeenBitmap:
         page_count = (self._cluster_count + _PAGE_CLUSTERS - 1) // _PAGE_CLUSTERS
         for page_index in range(page_count):
             first = page_index * _PAGE_CLUSTERS
-            page = self._pages.get(page_index)
+            page = self.pages.get(page_index)
             if page is None:
                 return first
             if page == _FULL_PAGE:
@@ -255,7 +259,9 @@ class ArchiveParser:
     ``-r``/vmstate file).  Left as None, every device is walked (verify).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_data: bool = True) -> None:
+        self.keep_data = keep_data
+        """False: extents come without writes (verify): no views are cut."""
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
         self._offset = 0  # archive offset of the first buffered byte
@@ -287,7 +293,8 @@ class ArchiveParser:
             return max(EXTENT_HEADER_SIZE - self._buffered, 1)
         if self._state == _READ_EXTENT_DATA:
             assert self._extent is not None
-            return max(self._extent.data_size - self._buffered, 0) + EXTENT_HEADER_SIZE
+            missing = self._extent.data_size - self._buffered
+            return max(missing, 0) + EXTENT_HEADER_SIZE
         return 0
 
     @property
@@ -467,34 +474,57 @@ class ArchiveParser:
         runs: list[list[int]] = []
         zeroes: list[list[int]] = []
         pos = 0
+        # The loop runs once per cluster, so the device state is looked up only
+        # when the dev_id changes and the bitmap and run merging are inlined.
+        current = -1
+        device: _DeviceState | None = None
+        pages: dict[int, bytearray] | None = None
+        limit = cluster_count = 0
         for entry in extent.entries:
             dev_id = entry.dev_id
             cluster_num = entry.cluster_num
             mask = entry.mask
-            device = self._device_for(dev_id)
-            stats = device.stats
-            if device.bitmap is not None:
-                if cluster_num >= device.info.cluster_count:
+            if dev_id != current:
+                device = self._device_for(dev_id)
+                current = dev_id
+                pages = device.bitmap.pages if device.bitmap is not None else None
+                limit = device.limit
+                cluster_count = device.info.cluster_count
+            assert device is not None
+            if pages is not None:
+                if cluster_num >= cluster_count:
                     raise BlockBeyondEndError(
                         f"got wrong block address - cluster {cluster_num} is past the end "
-                        f"of stream {device.info.name} ({device.info.cluster_count} clusters)"
+                        f"of stream {device.info.name} ({cluster_count} clusters)"
                     )
-                if device.bitmap.test_and_set(cluster_num):
+                page = pages.get(cluster_num >> _PAGE_SHIFT)
+                if page is None:
+                    page = pages[cluster_num >> _PAGE_SHIFT] = bytearray(_PAGE_BYTES)
+                byte_index = (cluster_num >> 3) & _BYTE_MASK
+                flag = 1 << (cluster_num & 7)
+                if page[byte_index] & flag:
                     raise DuplicateClusterError(
                         f"found duplicated cluster {cluster_num} for stream {device.info.name}"
                     )
+                page[byte_index] |= flag
             else:
                 if cluster_num != device.next_vmstate:
                     raise VmstateOrderError("found out of order vmstate data")
-                device.next_vmstate = min(cluster_num + 1, MAX_CLUSTER_NUM + 1)
-            self._clusters_read += 1
+                device.next_vmstate = cluster_num + 1
+            stats = device.stats
             stats.clusters_read += 1
             base = cluster_num * CLUSTER_SIZE
-            limit = device.limit
             if mask == FULL_MASK:
                 if pos + CLUSTER_SIZE > data_size:
                     raise ExtentBlockCountError("short vma extent - too many blocks")
-                _add_run(runs, dev_id, base, pos, min(CLUSTER_SIZE, limit - base))
+                length = CLUSTER_SIZE if base + CLUSTER_SIZE <= limit else limit - base
+                if runs:
+                    last = runs[-1]
+                    if last[0] == dev_id and last[1] + last[3] == base and last[2] + last[3] == pos:
+                        last[3] += length
+                        pos += CLUSTER_SIZE
+                        continue
+                runs.append([dev_id, base, pos, length])
                 pos += CLUSTER_SIZE
                 continue
             for first_block, block_count, stored in mask_runs(mask):
@@ -512,10 +542,15 @@ class ArchiveParser:
                     if mask:
                         stats.partial_zero_bytes += zero_length
                     _add_zero(zeroes, dev_id, start, zero_length)
+        self._clusters_read += len(extent.entries)
         if pos != data_size:
             raise ExtentBlockCountError("vma extent error - missing blocks")
 
-        writes = self._slice_runs(runs, data_size)
+        if self.keep_data:
+            writes = self._slice_runs(runs, data_size)
+        else:
+            self._consume(data_size)
+            writes = ()
         self._extent_count += 1
         return ParsedExtent(
             offset=self._extent_offset,

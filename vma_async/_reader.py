@@ -22,12 +22,14 @@ import inspect
 import math
 import time
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -50,11 +52,13 @@ from ._format import (
 )
 from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary, mask_runs
 from ._sinks import Sink
-from ._sources import ArchiveSource, SourceLike, open_source
+from ._sources import CHUNK_SIZE, ArchiveSource, Chunk, SourceLike, open_source
 
 __all__ = ["DeviceReadStats", "DeviceView", "ReadProgress", "ReadSummary", "VmaReader"]
 
-_BATCH_BYTES: Final = 8 << 20
+_BATCH_BYTES: Final = 4 << 20
+_CHUNKS_PER_HOP: Final = 4
+"""Read-ahead reads this many chunks (1 MiB each) per worker-thread hop."""
 _BATCH_EXTENTS: Final = 256
 _SINK_QUEUE: Final = 2
 _INDEX_BATCH: Final = 4096
@@ -79,6 +83,7 @@ class ReadProgress:
 
 ProgressCallback = Callable[[ReadProgress], object]
 _DeviceBatch = tuple[list[tuple[int, memoryview]], list[tuple[int, int]]]
+_Receiver = MemoryObjectReceiveStream[_DeviceBatch]
 
 
 def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -180,7 +185,7 @@ class VmaReader:
         while size < _BATCH_BYTES and len(batch) < _BATCH_EXTENTS:
             event = parser.next_event()
             if event is None:
-                data = source.read_blocking(parser.bytes_wanted)
+                data = source.read_blocking(CHUNK_SIZE)
                 if not data:
                     return batch, parser.end_of_input()
                 parser.feed(data)
@@ -189,25 +194,27 @@ class VmaReader:
                 size += event.header.data_size
         return batch, None
 
+    async def _pull_batch_async(self) -> tuple[list[ParsedExtent], ReadSummary | None]:
+        """The same for sources that are read through the event loop: one extent."""
+        parser, source = self._parser, self._source
+        while True:
+            event = parser.next_event()
+            if event is None:
+                data = await source.read(parser.bytes_wanted)
+                if not data:
+                    return [], parser.end_of_input()
+                parser.feed(data)
+            elif isinstance(event, ParsedExtent):
+                return [event], None
+
     async def _batches(
         self,
     ) -> AsyncGenerator[tuple[list[ParsedExtent], ReadSummary | None], None]:
-        parser, source = self._parser, self._source
         while True:
-            if source.blocking:
+            if self._source.blocking:
                 batch, summary = await anyio.to_thread.run_sync(self._pull_batch)
             else:
-                batch, summary = [], None
-                while not batch:
-                    event = parser.next_event()
-                    if event is None:
-                        data = await source.read(parser.bytes_wanted)
-                        if not data:
-                            summary = parser.end_of_input()
-                            break
-                        parser.feed(data)
-                    elif isinstance(event, ParsedExtent):
-                        batch.append(event)
+                batch, summary = await self._pull_batch_async()
             yield batch, summary
             if summary is not None:
                 return
@@ -244,16 +251,70 @@ class VmaReader:
         """Walk the whole archive with every check and no target, including the
         missing-cluster check the reference's verify skips."""
         self._claim_stream()
+        self._parser.keep_data = False
         started = time.monotonic()
         total = self._progress_total([d.dev_id for d in self._header.devices])
-        # aclosing: a cancelled walk must not leave the generator to be
-        # finalised later by a task of the event loop's own.
-        async with contextlib.aclosing(self._batches()) as batches:
-            async for _, summary in batches:
-                await self._report(progress, total, started)
-                if summary is not None:
-                    return summary
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def on_extent(extent: ParsedExtent) -> None:
+            await self._report(progress, total, started)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                summary = await self._walk(tg, on_extent)
+        except BaseExceptionGroup as group:
+            raise _unwrap_group(group) from None
+        return summary
+
+    async def _walk(
+        self,
+        tg: anyio.abc.TaskGroup,
+        on_extent: Callable[[ParsedExtent], Awaitable[None]],
+    ) -> ReadSummary:
+        """Feed the parser and hand each extent to ``on_extent``; return the totals.
+
+        A blocking source (a regular file, a decompressor) is read ahead by a
+        task of ``tg`` in a worker thread while this task parses: the read
+        syscalls release the GIL, so reading and parsing use both cores.
+        """
+        parser = self._parser
+        if not self._source.blocking:
+            async with contextlib.aclosing(self._batches()) as batches:
+                async for batch, summary in batches:
+                    for extent in batch:
+                        await on_extent(extent)
+                    if summary is not None:
+                        return summary
+            raise AssertionError("unreachable")  # pragma: no cover
+        send, receive = anyio.create_memory_object_stream[list[Chunk]](0)
+        tg.start_soon(self._read_ahead, send)
+        async with receive:
+            async for chunks in receive:
+                for chunk in chunks:
+                    parser.feed(chunk)
+                    while (event := parser.next_event()) is not None:
+                        if isinstance(event, ParsedExtent):
+                            await on_extent(event)
+                await anyio.lowlevel.checkpoint()
+        return parser.end_of_input()
+
+    async def _read_ahead(self, send: MemoryObjectSendStream[list[Chunk]]) -> None:
+        source = self._source
+
+        def read_chunks() -> list[Chunk]:
+            chunks: list[Chunk] = []
+            for _ in range(_CHUNKS_PER_HOP):
+                data = source.read_blocking(CHUNK_SIZE)
+                if not data:
+                    break
+                chunks.append(data)
+            return chunks
+
+        # Closed only at a clean end: after a read error the consumer must not
+        # mistake the silence for the end of the archive (and report missing
+        # clusters); it waits until the task group cancels it instead.
+        while chunks := await anyio.to_thread.run_sync(read_chunks):
+            await send.send(chunks)
+        await send.aclose()
 
     # -- restore --------------------------------------------------------------------------------
 
@@ -313,21 +374,33 @@ class VmaReader:
         total = self._progress_total(list(by_id))
         senders: dict[int, MemoryObjectSendStream[_DeviceBatch]] = {}
         summary: ReadSummary | None = None
+        # Sinks fail in their own tasks, and one still inside a worker thread
+        # cannot be cancelled; when several fail, the first to fail is reported.
+        failures: list[Exception] = []
+
+        async def drain(sink: Sink, receive: _Receiver, sequential: bool) -> None:
+            try:
+                await _drain_to_sink(sink, receive, sequential)
+            except Exception as exc:
+                failures.append(exc)
+                raise
+
         try:
             async with anyio.create_task_group() as tg:
                 for dev_id, sink in by_id.items():
                     send, receive = anyio.create_memory_object_stream[_DeviceBatch](_SINK_QUEUE)
                     senders[dev_id] = send
-                    tg.start_soon(_drain_to_sink, sink, receive, dev_id == vmstate_id)
-                async with (
-                    _ClosingAll(senders.values()),
-                    contextlib.aclosing(self._batches()) as batches,
-                ):
-                    async for batch, summary in batches:  # noqa: B007 - kept after
-                        for extent in batch:
-                            await _dispatch(extent, senders, write_zeroes, vmstate_id)
-                            await self._report(progress, total, started)
+                    tg.start_soon(drain, sink, receive, dev_id == vmstate_id)
+
+                async def on_extent(extent: ParsedExtent) -> None:
+                    await _dispatch(extent, senders, write_zeroes, vmstate_id)
+                    await self._report(progress, total, started)
+
+                async with _ClosingAll(senders.values()):
+                    summary = await self._walk(tg, on_extent)
         except BaseExceptionGroup as group:
+            if failures:
+                raise failures[0] from None
             raise _unwrap_group(group) from None
         assert summary is not None
         return summary

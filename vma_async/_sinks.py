@@ -95,11 +95,19 @@ def _write_zeroes(fd: int, offset: int, length: int) -> None:
 class _FileSink:
     """Shared body of the two random-access file sinks: ``target`` is a path or
     an fd the sink takes over (it is closed by :meth:`aclose`).  The target is
-    opened on first use, in a worker thread, or by ``prepare``."""
+    opened on first use, in a worker thread, or by ``prepare``.
 
-    def __init__(self, target: str | os.PathLike[str] | int, size: int, name: str | None) -> None:
+    ``flush`` makes the data durable with ``fsync`` (the reference's
+    ``blk_flush``) unless ``sync=False`` (a scratch restore, or a caller that
+    syncs the whole file system itself).
+    """
+
+    def __init__(
+        self, target: str | os.PathLike[str] | int, size: int, name: str | None, sync: bool
+    ) -> None:
         self._target = target
         self.size = size
+        self._sync = sync
         self._fd = target if isinstance(target, int) else -1
         self._opened = False
         self._closed = False
@@ -159,6 +167,8 @@ class _FileSink:
 
     async def flush(self) -> None:
         fd = await self._ensure_open()
+        if not self._sync:
+            return
         try:
             await anyio.to_thread.run_sync(os.fsync, fd)
         except OSError as exc:
@@ -182,9 +192,14 @@ class RawFileSink(_FileSink):
     """
 
     def __init__(
-        self, target: str | os.PathLike[str] | int, size: int, *, name: str | None = None
+        self,
+        target: str | os.PathLike[str] | int,
+        size: int,
+        *,
+        name: str | None = None,
+        sync: bool = True,
     ) -> None:
-        super().__init__(target, size, name)
+        super().__init__(target, size, name, sync)
         self._created = False
 
     def _open_blocking(self) -> None:
@@ -225,9 +240,14 @@ class ExistingFileSink(_FileSink):
     """
 
     def __init__(
-        self, target: str | os.PathLike[str] | int, size: int, *, name: str | None = None
+        self,
+        target: str | os.PathLike[str] | int,
+        size: int,
+        *,
+        name: str | None = None,
+        sync: bool = True,
     ) -> None:
-        super().__init__(target, size, name)
+        super().__init__(target, size, name, sync)
 
     def _open_blocking(self) -> None:
         if not isinstance(self._target, int):

@@ -140,6 +140,7 @@ def test_vma_create_killed_at_ten_percent(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("vma: verify failed - detected missing cluster ") or (
-        result.stderr.startswith("vma: verify failed - short vma extent")
+    # Killed under load, the output may not even hold the whole header yet.
+    assert result.stderr.startswith(("vma: verify failed - ", "vma: can't read vma header")), (
+        result.stderr
     )

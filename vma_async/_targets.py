@@ -22,6 +22,7 @@ import abc
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import signal
 import stat
@@ -34,6 +35,9 @@ from ._errors import CommandFailedError, TargetError, TargetExistsError
 
 EXEC_PREFIX = "exec:"
 _FIFO_RETRY_MAX_DELAY = 0.05
+ALIGNMENT = 4096
+"""``O_DIRECT`` writes are kept to whole, page-aligned blocks of this size
+(see :meth:`Target.write_aligned` and :class:`NewFileTarget`)."""
 _PIPE_CAPACITY = 1 << 20
 """Asked of the kernel (F_SETPIPE_SZ) for pipes we create: fewer wake-ups per extent."""
 
@@ -52,6 +56,17 @@ class Target(abc.ABC):
     @abc.abstractmethod
     async def write(self, data: memoryview) -> None:
         """Write all of ``data`` (a 512-multiple from a page-aligned buffer)."""
+
+    async def write_aligned(self, buffer: mmap.mmap, start: int, end: int) -> None:
+        """Write ``buffer[start:end]``, which starts at ``start`` modulo
+        :data:`ALIGNMENT` in the output; the bytes of ``buffer`` from the
+        previous multiple of :data:`ALIGNMENT` up to ``start`` are scratch.
+
+        The writer lays out its page-aligned buffers this way so that an
+        ``O_DIRECT`` file can prepend its carried tail in place and write whole
+        aligned blocks, without copying an extent.  Others just write.
+        """
+        await self.write(memoryview(buffer)[start:end])
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -127,8 +142,19 @@ class NewFileTarget(_FdTarget):
     does not flush everyone else's page cache.  It is switched on with
     ``fcntl`` after the file is created (a file system that refuses it answers
     ``EINVAL`` there, and no half-created file needs cleaning up), and switched
-    off again if a write answers ``EINVAL`` (e.g. a 4 KiB-sector device and a
-    512-byte-multiple extent): the same bytes then go through the page cache.
+    off again if a write answers ``EINVAL``: the same bytes then go through
+    the page cache.
+
+    Extents are 512-byte multiples, so after the header every write would
+    start and end inside a file-system block, which ext4 and others serve
+    with a slow, serialised sub-block path (a third of the speed, measured).
+    Under ``O_DIRECT`` we therefore write whole 4 KiB blocks only and carry
+    the tail (< 4 KiB) over to the next write; :meth:`close` writes the last
+    tail.  Through :meth:`write_aligned` the tail is prepended in the writer's
+    buffer, so the big write comes from a page-aligned address (a writev with
+    a small first segment, or a source that is not page-aligned, halves the
+    throughput, measured); through :meth:`write` it goes as a two-segment
+    writev.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool = True) -> None:
@@ -136,6 +162,8 @@ class NewFileTarget(_FdTarget):
         self.path = os.fspath(path)
         self.direct = direct
         self._created = False
+        self._carry = mmap.mmap(-1, ALIGNMENT)
+        self._carry_len = 0
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self._open_blocking)
@@ -151,26 +179,79 @@ class NewFileTarget(_FdTarget):
         self._created = True
         if self.direct:
             try:
-                fcntl.fcntl(
-                    self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT
-                )
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT)
             except OSError:
                 self.direct = False
 
     def _write_file(self, data: memoryview) -> None:
+        if self.direct:
+            carried = self._carry_len
+            total = carried + len(data)
+            whole = total - total % ALIGNMENT
+            if whole:
+                take = whole - carried
+                self._write_all([memoryview(self._carry)[:carried], data[:take]])
+                self._carry_len = 0
+                data = data[take:]
+            if self.direct:
+                self._carry[self._carry_len : self._carry_len + len(data)] = data
+                self._carry_len += len(data)
+                return
+        self._write_all([data])
+
+    async def write_aligned(self, buffer: mmap.mmap, start: int, end: int) -> None:
+        carried = self._carry_len
+        head = start - carried
+        if not self.direct or head < 0 or head % ALIGNMENT:
+            await self.write(memoryview(buffer)[start:end])
+            return
         try:
-            _write_blocking(self._fd, data)
+            await anyio.to_thread.run_sync(self._write_direct, buffer, head, end)
         except OSError as exc:
-            if exc.errno != errno.EINVAL or not self.direct:
-                raise
-            # A failed write leaves the file offset where it was: no bytes lost.
-            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
-            self.direct = False
-            _write_blocking(self._fd, data)
+            raise _write_error(exc) from exc
+
+    def _write_direct(self, buffer: mmap.mmap, head: int, end: int) -> None:
+        """Prepend the carried tail in the writer's scratch room, write the
+        whole blocks straight from its page-aligned buffer, carry the rest."""
+        start = head + self._carry_len
+        buffer[head:start] = self._carry[: self._carry_len]
+        whole = head + (end - head) // ALIGNMENT * ALIGNMENT
+        self._carry_len = 0
+        self._write_all([memoryview(buffer)[head:whole]])
+        if self.direct:
+            self._carry[: end - whole] = buffer[whole:end]
+            self._carry_len = end - whole
+        else:
+            self._write_all([memoryview(buffer)[whole:end]])
+
+    def _write_all(self, buffers: list[memoryview]) -> None:
+        """``writev`` everything; on ``EINVAL`` under ``O_DIRECT`` (nothing is
+        written then) switch to the page cache and go on."""
+        pending = [b for b in buffers if len(b)]
+        while pending:
+            try:
+                written = os.writev(self._fd, pending)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self.direct = False
+                continue
+            while pending and written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            if written:
+                pending[0] = pending[0][written:]
+
+    def _flush_carry(self) -> None:
+        if self._carry_len:
+            self._write_all([memoryview(self._carry)[: self._carry_len]])
+            self._carry_len = 0
 
     async def close(self) -> None:
         try:
+            await anyio.to_thread.run_sync(self._flush_carry)
             self._close_fd()
         except OSError as exc:
             raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc

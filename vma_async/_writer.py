@@ -58,13 +58,15 @@ from ._assembler import (
     WriterStatus,
 )
 from ._errors import VmaError, WriterAbortedError
-from ._targets import Target, TargetLike, make_target
+from ._targets import ALIGNMENT, Target, TargetLike, make_target
 
 DEFAULT_BUFFER_COUNT = 4
 """One extent being written, one being packed, two sealed in between: enough
 to smooth the output's hiccups, ~15 MiB of memory."""
 
-BUFFER_SIZE = (WRITER_EXTENT_SIZE + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+BUFFER_SIZE = (ALIGNMENT + WRITER_EXTENT_SIZE + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+"""An extent, placed at its offset in the archive modulo :data:`ALIGNMENT`
+(see :meth:`Target.write_aligned`), and the room before it."""
 
 
 @dataclass(slots=True)
@@ -122,9 +124,12 @@ class VmaWriter:
         self._ctime = ctime
         self.stats = WriterStats(buffer_count, BUFFER_SIZE)
         self._free = [mmap.mmap(-1, BUFFER_SIZE) for _ in range(buffer_count)]
-        self._sealed: deque[tuple[mmap.mmap, int]] = deque()
+        self._sealed: deque[tuple[mmap.mmap, int, int]] = deque()  # buffer, start, length
         self._sealed_bytes = 0
+        self._archive_bytes = 0
+        """Bytes sealed so far: where the next buffer starts in the archive."""
         self._current: mmap.mmap | None = None
+        self._current_start = 0
         self._lock = anyio.Lock(fast_acquire=True)
         self._output_lock = anyio.Lock(fast_acquire=True)
         self._drain_scope: anyio.CancelScope | None = None
@@ -323,9 +328,10 @@ class VmaWriter:
                 await self._drain()
         return self._free.pop()
 
-    def _enqueue(self, buffer: mmap.mmap, length: int) -> None:
-        self._sealed.append((buffer, length))
+    def _enqueue(self, buffer: mmap.mmap, start: int, length: int) -> None:
+        self._sealed.append((buffer, start, length))
         self._sealed_bytes += length
+        self._archive_bytes += length
         self._account()
         self._work.set()
 
@@ -342,19 +348,20 @@ class VmaWriter:
             self._free.append(buffer)
             raise
         buffer[: len(header)] = header
-        self._enqueue(buffer, len(header))
+        self._enqueue(buffer, 0, len(header))
         return True
 
     async def _open_extent(self) -> None:
         if not self._assembler.extent_open:
             self._current = await self._take_buffer()
-            self._assembler.begin_extent(memoryview(self._current))
+            self._current_start = self._archive_bytes % ALIGNMENT
+            self._assembler.begin_extent(memoryview(self._current)[self._current_start :])
 
     def _seal_current(self) -> None:
         length = self._assembler.seal_extent()
         buffer, self._current = self._current, None
         assert buffer is not None
-        self._enqueue(buffer, length)
+        self._enqueue(buffer, self._current_start, length)
 
     async def _make_room(self) -> bool:
         """Make the open extent ready for one more cluster (under the lock);
@@ -403,8 +410,8 @@ class VmaWriter:
             self._drain_scope = scope
             try:
                 while self._sealed:
-                    buffer, length = self._sealed[0]
-                    await self._target.write(memoryview(buffer)[:length])
+                    buffer, start, length = self._sealed[0]
+                    await self._target.write_aligned(buffer, start, start + length)
                     self._sealed.popleft()
                     self._sealed_bytes -= length
                     self._free.append(buffer)
@@ -430,7 +437,7 @@ class VmaWriter:
                     return  # _drain has made it sticky and aborted
 
     def _release_buffers(self) -> None:
-        buffers = [*self._free, *(b for b, _ in self._sealed)]
+        buffers = [*self._free, *(b for b, _, _ in self._sealed)]
         if self._current is not None:
             buffers.append(self._current)
         self._free, self._current = [], None

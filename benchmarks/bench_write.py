@@ -63,6 +63,23 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM")
 
 
+def idle_stalls(seconds: float = 2.0) -> list[float]:
+    """The heartbeat alone on an idle asyncio loop: the machine's own stall
+    floor (other processes' load, scheduling), to read the table against."""
+    import anyio
+
+    async def main() -> list[float]:
+        stalls = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            await anyio.sleep(HEARTBEAT)
+            stalls.append((time.perf_counter() - start - HEARTBEAT) * 1000)
+        return stalls
+
+    return anyio.run(main)
+
+
 def run_case(backend: str, image: str, out: str, mode: str) -> dict[str, float]:
     """One archive, written in this process under ``backend``."""
     import anyio
@@ -201,7 +218,10 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_case(*args.child)))
+        if args.child[0] == "idle":
+            print(json.dumps({"stall_ms": max(idle_stalls())}))
+        else:
+            print(json.dumps(run_case(*args.child)))
         return
 
     repo = Path(__file__).resolve().parent.parent
@@ -215,9 +235,15 @@ def main() -> None:
                 pass
         base: dict[str, list[float]] = {"page": [], "direct": []}
         runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        idle_worst: list[float] = []
         for _ in range(args.repeat):  # interleaved, so that load changes hit all alike
             for mode, seconds in baselines(image, workdir).items():
                 base[mode].append(seconds)
+            idle = subprocess.run(
+                [sys.executable, __file__, "--child", "idle", "-", "-", "-"],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            idle_worst.append(json.loads(idle.stdout)["stall_ms"])
             for mode in args.modes.split(","):
                 for backend in args.backends.split(","):
                     out = workdir / f"{backend}.vma"
@@ -227,7 +253,7 @@ def main() -> None:
                     )  # fmt: skip
                     runs.setdefault((backend, mode), []).append(json.loads(child.stdout))
                     out.unlink()
-        print_table(args.size_mib, workdir.parent, args.repeat, base, runs)
+        print_table(args.size_mib, workdir.parent, args.repeat, base, runs, idle_worst)
     finally:
         shutil.rmtree(workdir)
 
@@ -238,6 +264,7 @@ def print_table(
     repeat: int,
     base: dict[str, list[float]],
     runs: dict[tuple[str, str], list[dict[str, float]]],
+    idle_worst: list[float],
 ) -> None:
     mb = (size_mib << 20) / 1e6
     names = {"page": "cp", "direct": "dd oflag=direct"}
@@ -250,6 +277,11 @@ def print_table(
     )
     for mode, seconds in best_base.items():
         print(f"{names[mode]:<16} {mode:<7} {seconds:>8.3f} {mb / seconds:>6.0f} {1:>7.2f}")
+    idle = sorted(idle_worst)
+    print(
+        f"{'idle loop, 2 s':<16} {'-':<7} {'':>8} {'':>6} {'':>7} {'':>12} "
+        f"{idle[-1]:>12.1f} / {idle[len(idle) // 2]:>6.1f}"
+    )
     for (backend, mode), results in runs.items():
         best = min(results, key=lambda r: r["seconds"])
         stalls = sorted(r["stall_ms"] for r in results)

@@ -60,6 +60,10 @@ from ._assembler import (
 from ._errors import VmaError, WriterAbortedError
 from ._targets import ALIGNMENT, Target, TargetLike, make_target
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+_CLUSTERS_PER_YIELD = 16
+"""The fast path of ``write`` lets the event loop run this often (1 MiB)."""
+
 DEFAULT_BUFFER_COUNT = 4
 """One extent being written, one being packed, two sealed in between: enough
 to smooth the output's hiccups, ~15 MiB of memory."""
@@ -130,6 +134,7 @@ class VmaWriter:
         """Bytes sealed so far: where the next buffer starts in the archive."""
         self._current: mmap.mmap | None = None
         self._current_start = 0
+        self._unyielded = 0
         self._lock = anyio.Lock(fast_acquire=True)
         self._output_lock = anyio.Lock(fast_acquire=True)
         self._drain_scope: anyio.CancelScope | None = None
@@ -166,9 +171,21 @@ class VmaWriter:
     async def _open(self) -> None:
         try:
             await self._target.open()
+            await anyio.to_thread.run_sync(self._prefault)
         except BaseException as exc:
             await self._fail(exc)
             raise
+
+    def _prefault(self) -> None:
+        """Fault the pool's pages in now, in a worker thread: touched for the
+        first time while packing, they stalled the event loop ~10 ms per
+        buffer (measured)."""
+        for buffer in self._free:
+            try:
+                buffer.madvise(_MADV_POPULATE_WRITE)
+            except (OSError, ValueError):
+                for offset in range(0, len(buffer), mmap.PAGESIZE):
+                    buffer[offset] = 0
 
     # --- registration (before the first write) ----------------------------------
 
@@ -190,8 +207,8 @@ class VmaWriter:
         The data is copied before this returns.  A call that finds room in the
         open extent and nobody holding the lock packs at once, without
         awaiting (nothing can interleave, so it is atomic); the others take
-        the lock and may wait for a buffer.  Either way the event loop gets
-        control at least once per extent (58 clusters), when it is sealed.
+        the lock and may wait for a buffer.  The event loop gets control at
+        least every 16 clusters.
         """
         assembler = self._assembler
         if assembler.extent_open and not assembler.extent_full and not self._lock.locked():
@@ -202,6 +219,12 @@ class VmaWriter:
                 await self._failed(exc)
                 raise
             self._account()
+            self._unyielded += 1
+            if self._unyielded >= _CLUSTERS_PER_YIELD:
+                # A scheduling point only: the cluster is queued, so this
+                # must not raise a cancellation the caller would misread.
+                self._unyielded = 0
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             return transferred
         try:
             async with self._lock:

@@ -132,6 +132,8 @@ def test_vmstate_in_order_and_unbounded() -> None:
     extents, _ = parse(data)
     got = images_from(extents, {1: 70_000, 2: 3 * vb.CLUSTER})[2]
     assert got == state + bytes(3 * vb.CLUSTER - len(state))
+    padding = [z for e in extents for z in e.zeroes if z[0] == 2 and z[1] + z[2] > len(state)]
+    assert padding == []  # zero blocks past vmstate's size are not restored
 
 
 def test_fifty_nine_clusters_in_one_extent_are_accepted() -> None:
@@ -348,3 +350,31 @@ def test_feed_after_end_is_refused(archive: bytes) -> None:
     parser.end_of_input()
     with pytest.raises(RuntimeError):
         parser.feed(b"x")
+
+
+def test_skipping_data_gives_the_same_extents_and_checks() -> None:
+    data = vb.archive(DISKS)
+    parser = ArchiveParser(keep_data=False)
+    pos = 0
+    extents = []
+    while True:
+        event = parser.next_event()
+        if isinstance(event, ParsedExtent):
+            extents.append(event)
+        elif event is None:
+            if parser.bytes_to_skip:
+                step = min(parser.bytes_to_skip, 10_000)
+                parser.skip(step)
+                pos += step
+                continue
+            if pos >= len(data):
+                break
+            wanted = parser.bytes_wanted
+            parser.feed(data[pos : pos + wanted])
+            pos += wanted
+    summary = parser.end_of_input()
+    assert summary.archive_bytes == len(data)
+    assert [e.offset for e in extents] == vb.extent_offsets(data)
+    assert all(e.writes == () for e in extents)
+    with pytest.raises(ValueError, match="can skip at most 0 bytes, not 1"):
+        parser.skip(1)

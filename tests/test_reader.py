@@ -346,7 +346,7 @@ async def test_round_trip_with_vma_writer(tmp_path: Path) -> None:
         )
     assert (out / "d0").read_bytes() == DISK0
     assert (out / "d2").read_bytes() == DISK2
-    assert (out / "vm").read_bytes()[: len(STATE)] == STATE
+    assert (out / "vm").read_bytes() == STATE
     dissect = {d.name: d.open().read() for d in VMA(io.BytesIO(path.read_bytes())).devices()}
     assert dissect["disk0"] == DISK0
 
@@ -356,3 +356,15 @@ async def test_extent_events_carry_headers(archive: Path) -> None:
         extents: list[ParsedExtent] = [e async for e in reader.extents()]
     assert extents[0].header.entries[0].dev_id == 1
     assert extents[-1].header.block_count == 0
+
+
+async def test_verify_reports_a_truncated_extent(tmp_path: Path, archive_bytes: bytes) -> None:
+    offsets = vb.extent_offsets(archive_bytes)
+    cut = offsets[1] - 1000
+    path = tmp_path / "t.vma"
+    path.write_bytes(archive_bytes[:cut])
+    async with await VmaReader.open(path) as reader:
+        with pytest.raises(TruncatedArchiveError) as info:
+            await reader.verify()
+    size = offsets[1] - offsets[0]
+    assert str(info.value) == f"short vma extent ({size - 1000} < {size})"

@@ -261,7 +261,8 @@ class ArchiveParser:
 
     def __init__(self, *, keep_data: bool = True) -> None:
         self.keep_data = keep_data
-        """False: extents come without writes (verify): no views are cut."""
+        """False: extents come without writes (verify), and data may be skipped."""
+        self._skipped = 0  # data bytes of the current extent consumed by skip()
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
         self._offset = 0  # archive offset of the first buffered byte
@@ -293,9 +294,26 @@ class ArchiveParser:
             return max(EXTENT_HEADER_SIZE - self._buffered, 1)
         if self._state == _READ_EXTENT_DATA:
             assert self._extent is not None
-            missing = self._extent.data_size - self._buffered
+            missing = self._extent.data_size - self._skipped - self._buffered
             return max(missing, 0) + EXTENT_HEADER_SIZE
         return 0
+
+    @property
+    def bytes_to_skip(self) -> int:
+        """Data bytes the I/O layer may read itself, without feeding them, and
+        report with :meth:`skip`: only with ``keep_data=False`` (verify reads
+        the data, to prove it is there and readable, but needs none of it)."""
+        if self.keep_data or self._state != _READ_EXTENT_DATA:
+            return 0
+        assert self._extent is not None
+        return max(self._extent.data_size - self._skipped - self._buffered, 0)
+
+    def skip(self, count: int) -> None:
+        """Account for ``count`` data bytes read elsewhere (see :attr:`bytes_to_skip`)."""
+        if not 0 <= count <= self.bytes_to_skip:
+            raise ValueError(f"can skip at most {self.bytes_to_skip} bytes, not {count}")
+        self._skipped += count
+        self._offset += count
 
     @property
     def offset(self) -> int:
@@ -327,10 +345,11 @@ class ArchiveParser:
             self._state = _READ_EXTENT_DATA
         if self._state == _READ_EXTENT_DATA:
             assert self._extent is not None
-            if self._buffered < self._extent.data_size:
+            if self._skipped + self._buffered < self._extent.data_size:
                 return None
             extent = self._parse_extent(self._extent)
             self._extent = None
+            self._skipped = 0
             self._state = _READ_EXTENT_HEADER
             return extent
         return None
@@ -351,7 +370,7 @@ class ArchiveParser:
             raise TruncatedArchiveError(f"read short extent ({self._buffered} bytes)")
         if state == _READ_EXTENT_DATA:
             assert self._extent is not None
-            have = EXTENT_HEADER_SIZE + self._buffered
+            have = EXTENT_HEADER_SIZE + self._skipped + self._buffered
             raise TruncatedArchiveError(f"short vma extent ({have} < {self._extent.size})")
         for device in self._devices.values():
             if device.bitmap is None:
@@ -479,7 +498,7 @@ class ArchiveParser:
         current = -1
         device: _DeviceState | None = None
         pages: dict[int, bytearray] | None = None
-        limit = cluster_count = 0
+        limit = zero_limit = cluster_count = 0
         for entry in extent.entries:
             dev_id = entry.dev_id
             cluster_num = entry.cluster_num
@@ -489,6 +508,9 @@ class ArchiveParser:
                 current = dev_id
                 pages = device.bitmap.pages if device.bitmap is not None else None
                 limit = device.limit
+                # vmstate: stored blocks are never clipped, but the zero blocks
+                # past its recorded size are the writer's padding.
+                zero_limit = device.info.size
                 cluster_count = device.info.cluster_count
             assert device is not None
             if pages is not None:
@@ -527,6 +549,14 @@ class ArchiveParser:
                 runs.append([dev_id, base, pos, length])
                 pos += CLUSTER_SIZE
                 continue
+            if mask == 0:  # a whole zero cluster: the other common case
+                if base < zero_limit:
+                    zero_length = (
+                        CLUSTER_SIZE if base + CLUSTER_SIZE <= zero_limit else zero_limit - base
+                    )
+                    stats.zero_bytes += zero_length
+                    _add_zero(zeroes, dev_id, base, zero_length)
+                continue
             for first_block, block_count, stored in mask_runs(mask):
                 start = base + first_block * BLOCK_SIZE
                 length = block_count * BLOCK_SIZE
@@ -536,8 +566,8 @@ class ArchiveParser:
                         _raise_first_block_error(pos, data_size, start, limit, block_count)
                     _add_run(runs, dev_id, start, pos, min(length, limit - start))
                     pos += length
-                elif start < limit:
-                    zero_length = min(length, limit - start)
+                elif start < zero_limit:
+                    zero_length = min(length, zero_limit - start)
                     stats.zero_bytes += zero_length
                     if mask:
                         stats.partial_zero_bytes += zero_length
@@ -549,7 +579,7 @@ class ArchiveParser:
         if self.keep_data:
             writes = self._slice_runs(runs, data_size)
         else:
-            self._consume(data_size)
+            self._consume(data_size - self._skipped)
             writes = ()
         self._extent_count += 1
         return ParsedExtent(

@@ -57,6 +57,8 @@ from ._sources import CHUNK_SIZE, ArchiveSource, Chunk, SourceLike, open_source
 __all__ = ["DeviceReadStats", "DeviceView", "ReadProgress", "ReadSummary", "VmaReader"]
 
 _BATCH_BYTES: Final = 4 << 20
+_SKIM_BATCH_BYTES: Final = 64 << 20
+"""Verify keeps no data, so one worker-thread hop may cover more archive."""
 _CHUNKS_PER_HOP: Final = 4
 """Read-ahead reads this many chunks (1 MiB each) per worker-thread hop."""
 _BATCH_EXTENTS: Final = 256
@@ -181,11 +183,21 @@ class VmaReader:
         """Read and parse up to one batch, blocking: runs in a worker thread."""
         parser, source = self._parser, self._source
         batch: list[ParsedExtent] = []
+        limit = _BATCH_BYTES if parser.keep_data else _SKIM_BATCH_BYTES
         size = 0
-        while size < _BATCH_BYTES and len(batch) < _BATCH_EXTENTS:
+        while size < limit and len(batch) < _BATCH_EXTENTS:
             event = parser.next_event()
             if event is None:
-                data = source.read_blocking(CHUNK_SIZE)
+                to_skip = parser.bytes_to_skip
+                if to_skip:
+                    while to_skip:
+                        skipped = source.skip_blocking(to_skip)
+                        if not skipped:
+                            return batch, parser.end_of_input()
+                        parser.skip(skipped)
+                        to_skip -= skipped
+                    continue
+                data = source.read_blocking(parser.bytes_wanted)
                 if not data:
                     return batch, parser.end_of_input()
                 parser.feed(data)
@@ -200,6 +212,13 @@ class VmaReader:
         while True:
             event = parser.next_event()
             if event is None:
+                to_skip = parser.bytes_to_skip
+                if to_skip:
+                    skipped = await source.skip(to_skip)
+                    if not skipped:
+                        return [], parser.end_of_input()
+                    parser.skip(skipped)
+                    continue
                 data = await source.read(parser.bytes_wanted)
                 if not data:
                     return [], parser.end_of_input()
@@ -255,15 +274,15 @@ class VmaReader:
         started = time.monotonic()
         total = self._progress_total([d.dev_id for d in self._header.devices])
 
-        async def on_extent(extent: ParsedExtent) -> None:
-            await self._report(progress, total, started)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                summary = await self._walk(tg, on_extent)
-        except BaseExceptionGroup as group:
-            raise _unwrap_group(group) from None
-        return summary
+        # One worker-thread hop reads and parses up to 64 MiB of a regular
+        # file in sequence: a read-ahead task would only fight this thread for
+        # the GIL, since skimming keeps no data (measured: 2x slower).
+        async with contextlib.aclosing(self._batches()) as batches:
+            async for _, summary in batches:
+                await self._report(progress, total, started)
+                if summary is not None:
+                    return summary
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _walk(
         self,

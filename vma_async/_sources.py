@@ -20,6 +20,7 @@ returned), so the extent parser can give sinks views into them without copies.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -43,6 +44,7 @@ _COMPRESSED_READ: Final = 1 << 20
 CHUNK_SIZE: Final = 1 << 20
 """Read size of regular files, and the size of their recycled buffers."""
 _POOL_BUFFERS: Final = 32
+_SCRATCH_SIZE: Final = 128 << 10
 _PIPE_SIZE: Final = 1 << 20
 
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
@@ -74,6 +76,14 @@ class ArchiveSource(ABC):
     def read_blocking(self, max_bytes: int) -> bytes | bytearray | memoryview:
         """Like :meth:`read`, from a worker thread started by anyio."""
         return anyio.from_thread.run(self.read, max_bytes)
+
+    async def skip(self, max_bytes: int) -> int:
+        """Read and drop up to ``max_bytes``; return how many (0 at the end)."""
+        return len(await self.read(max_bytes))
+
+    def skip_blocking(self, max_bytes: int) -> int:
+        """Like :meth:`skip`, from a worker thread started by anyio."""
+        return len(self.read_blocking(max_bytes))
 
     def pread(self, offset: int, size: int) -> bytes:
         """Read archive bytes at ``offset`` (blocking: call it in a worker thread)."""
@@ -109,6 +119,9 @@ class _FileSource(ArchiveSource):
         self._fd = fd
         self._pos = 0
         self._pool: list[bytearray] = []
+        self._scratch: memoryview | None = None
+        self._null_fd: int | None = None
+        self._sendfile = True
 
     async def read(self, max_bytes: int) -> bytes | memoryview:
         return await anyio.to_thread.run_sync(self.read_blocking, max_bytes)
@@ -142,6 +155,34 @@ class _FileSource(ArchiveSource):
         self._pos += len(data)
         return data
 
+    def skip_blocking(self, max_bytes: int) -> int:
+        """Have the kernel read the bytes and drop them: ``sendfile`` to
+        /dev/null pulls every page through the page cache (so missing or
+        unreadable data is reported exactly as by a read) without copying it
+        into the process, which verify does not need.  Where sendfile is
+        refused, read into one small scratch buffer that stays in the CPU cache.
+        """
+        if self._null_fd is None:
+            self._null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        if self._sendfile:
+            try:
+                count = os.sendfile(self._null_fd, self._fd, self._pos, max_bytes)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise SourceError(f"read failed - {exc.strerror}") from exc
+                self._sendfile = False
+            else:
+                self._pos += count
+                return count
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
+        try:
+            count = os.preadv(self._fd, [self._scratch[: min(max_bytes, _SCRATCH_SIZE)]], self._pos)
+        except OSError as exc:
+            raise SourceError(f"read failed - {exc.strerror}") from exc
+        self._pos += count
+        return count
+
     def pread(self, offset: int, size: int) -> bytes:
         try:
             return os.pread(self._fd, size, offset)
@@ -158,6 +199,9 @@ class _FileSource(ArchiveSource):
 
     async def aclose(self) -> None:
         fd, self._fd = self._fd, -1
+        null_fd, self._null_fd = self._null_fd, None
+        if null_fd is not None:
+            os.close(null_fd)
         if fd >= 0:
             os.close(fd)
 

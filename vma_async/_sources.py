@@ -45,6 +45,7 @@ CHUNK_SIZE: Final = 1 << 20
 """Read size of regular files, and the size of their recycled buffers."""
 _POOL_BUFFERS: Final = 32
 _SCRATCH_SIZE: Final = 128 << 10
+_POOL_MIN_READ: Final = 256 << 10
 _PIPE_SIZE: Final = 1 << 20
 
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
@@ -143,7 +144,10 @@ class _FileSource(ArchiveSource):
 
     def read_blocking(self, max_bytes: int) -> bytes | memoryview:
         size = min(max_bytes, CHUNK_SIZE)
-        buf = self._free_buffer()
+        # A small read gets a buffer of its own size: a view of a few KiB
+        # must not pin a whole 1 MiB pool buffer (sparse archives are mostly
+        # small extents, and a sink may hold their views for a while).
+        buf = self._free_buffer() if size >= _POOL_MIN_READ else None
         if buf is None:
             data: bytes | memoryview = self.pread(self._pos, size)
         else:

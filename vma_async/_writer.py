@@ -204,12 +204,14 @@ class VmaWriter:
         """Queue one 64 KiB cluster (``None``: all zero; shorter: zero-padded);
         return the bytes transferred.  Awaits when the output is behind.
 
-        The data is copied before this returns.  A call that finds room in the
-        open extent and nobody holding the lock packs at once, without
-        awaiting (nothing can interleave, so it is atomic); the others take
-        the lock and may wait for a buffer.  The event loop gets control at
+        The data is copied before this returns.  Like every call here it is a
+        cancellation point.  A call that finds room in the open extent and
+        nobody holding the lock then packs at once, without awaiting (nothing
+        can interleave, so it is atomic); the others take the lock and may
+        wait for a buffer.  The event loop gets control at
         least every 16 clusters.
         """
+        await anyio.lowlevel.checkpoint_if_cancelled()
         assembler = self._assembler
         if assembler.extent_open and not assembler.extent_full and not self._lock.locked():
             try:
@@ -284,6 +286,8 @@ class VmaWriter:
             await self._target.close()
         except BaseException as exc:
             await self._fail(exc)
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                await self._cancellation_first()
             raise
         self._finished = True
         self._release_buffers()
@@ -336,6 +340,14 @@ class VmaWriter:
         """
         if not isinstance(exc, anyio.get_cancelled_exc_class()):
             await self._fail(exc)
+            await self._cancellation_first()
+
+    @staticmethod
+    async def _cancellation_first() -> None:
+        """A task that is being cancelled sees its cancellation, not the
+        error the same cancellation caused elsewhere (the output task's abort
+        made sticky while this task had not yet reached an await)."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     def _account(self) -> None:
         stats = self.stats

@@ -498,7 +498,7 @@ class ArchiveParser:
         current = -1
         device: _DeviceState | None = None
         pages: dict[int, bytearray] | None = None
-        limit = zero_limit = cluster_count = 0
+        limit = cluster_count = 0
         for entry in extent.entries:
             dev_id = entry.dev_id
             cluster_num = entry.cluster_num
@@ -507,10 +507,9 @@ class ArchiveParser:
                 device = self._device_for(dev_id)
                 current = dev_id
                 pages = device.bitmap.pages if device.bitmap is not None else None
+                # vmstate's size is no bound: it is restored in whole clusters,
+                # zero blocks included (a stream has no holes).
                 limit = device.limit
-                # vmstate: stored blocks are never clipped, but the zero blocks
-                # past its recorded size are the writer's padding.
-                zero_limit = device.info.size
                 cluster_count = device.info.cluster_count
             assert device is not None
             if pages is not None:
@@ -550,10 +549,8 @@ class ArchiveParser:
                 pos += CLUSTER_SIZE
                 continue
             if mask == 0:  # a whole zero cluster: the other common case
-                if base < zero_limit:
-                    zero_length = (
-                        CLUSTER_SIZE if base + CLUSTER_SIZE <= zero_limit else zero_limit - base
-                    )
+                if base < limit:
+                    zero_length = CLUSTER_SIZE if base + CLUSTER_SIZE <= limit else limit - base
                     stats.zero_bytes += zero_length
                     _add_zero(zeroes, dev_id, base, zero_length)
                 continue
@@ -566,8 +563,8 @@ class ArchiveParser:
                         _raise_first_block_error(pos, data_size, start, limit, block_count)
                     _add_run(runs, dev_id, start, pos, min(length, limit - start))
                     pos += length
-                elif start < zero_limit:
-                    zero_length = min(length, zero_limit - start)
+                elif start < limit:
+                    zero_length = min(length, limit - start)
                     stats.zero_bytes += zero_length
                     if mask:
                         stats.partial_zero_bytes += zero_length

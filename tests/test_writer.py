@@ -434,3 +434,21 @@ async def test_output_error_is_sticky() -> None:
     with pytest.raises(TargetError, match="^vma_queue_write: write error - Broken pipe$"):
         await last_writer[0].write(1, 0, None)
     os.close(write_end)
+
+
+async def test_error_after_close_inside_the_block_keeps_the_archive(tmp_path: Path) -> None:
+    path = tmp_path / "kept.vma"
+    images = {"d": make_image(3 * CLUSTER, "random", random.Random(4))}
+    opened: list[VmaWriter] = []
+
+    async def close_then_fail() -> None:
+        async with VmaWriter.open(path) as writer:
+            opened.append(writer)
+            await produce(writer, images)
+            await writer.close()
+            raise KeyError("after the archive was complete")
+
+    with pytest.raises(KeyError):
+        await close_then_fail()
+    assert opened[0].status().error is None
+    assert_archive(path.read_bytes(), images, {})

@@ -325,6 +325,8 @@ class VmaWriter:
     # --- the pool and the output ------------------------------------------------
 
     async def _fail(self, exc: BaseException) -> None:
+        if self._finished:  # a complete archive stays complete
+            return
         self._assembler.fail(_sticky_error(exc))
         await self.abort()
 

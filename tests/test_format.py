@@ -24,6 +24,7 @@ from vma_async._errors import (
     HeaderError,
     HeaderSizeError,
     InvalidConfigPointerError,
+    InvalidNameError,
     UnsupportedVersionError,
     VmaError,
 )
@@ -197,7 +198,11 @@ class TestHeaderRoundTrip:
     @given(
         configs=st.lists(
             st.tuples(
-                st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=40),
+                st.text(
+                    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                    min_size=1,
+                    max_size=40,
+                ),
                 st.binary(max_size=3000),
             ),
             max_size=10,
@@ -347,3 +352,23 @@ def test_empty_archive_header_stays_readable() -> None:
     header = fmt.decode_header(raw)
     assert header.configs == ()
     assert header.devices == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("a\x00b", "contains a NUL character"),
+        ("\ud800", "cannot be stored as UTF-8: surrogates not allowed"),
+    ],
+)
+def test_names_that_cannot_be_stored(name: str, message: str) -> None:
+    with pytest.raises(InvalidNameError, match=message):
+        fmt.encode_header(UUID, 0, [(name, b"")], {})
+    with pytest.raises(InvalidNameError, match=message):
+        fmt.encode_header(UUID, 0, [], {1: (name, 1)})
+
+
+def test_raw_byte_names_round_trip() -> None:
+    name = b"disk-\xff".decode("utf-8", "surrogateescape")
+    header = fmt.decode_header(fmt.encode_header(UUID, 0, [], {1: (name, 1)}))
+    assert header.devices[0].name == name

@@ -29,6 +29,7 @@ __all__ = [
     "HeaderError",
     "HeaderSizeError",
     "InvalidConfigPointerError",
+    "InvalidNameError",
     "MissingClusterError",
     "OpenStreamError",
     "IncompleteStreamError",
@@ -144,6 +145,11 @@ class MissingClusterError(FormatError):
 
 class WriterUsageError(VmaError):
     """A call to :class:`VmaWriter` breaks the reference writer's rules."""
+
+
+class InvalidNameError(WriterUsageError):
+    """A config or device name the header cannot store: it holds a NUL, or
+    characters that have no UTF-8 (or raw byte) form."""
 
 
 class HeaderWrittenError(WriterUsageError):

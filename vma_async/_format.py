@@ -32,6 +32,7 @@ from ._errors import (
     HeaderChecksumError,
     HeaderSizeError,
     InvalidConfigPointerError,
+    InvalidNameError,
     UnsupportedVersionError,
 )
 
@@ -195,8 +196,18 @@ def config_basename(name: str) -> str:
 
 
 def encode_name(name: str) -> bytes:
-    """A name as the header stores it: UTF-8 (raw bytes kept), NUL-terminated."""
-    return name.encode("utf-8", "surrogateescape") + b"\x00"
+    """A name as the header stores it: UTF-8, NUL-terminated.
+
+    Names decoded from raw bytes with ``surrogateescape`` (as :mod:`os` does
+    for file names) get their bytes back.  A NUL inside would cut the name
+    short for every reader, so it is refused rather than silently truncated.
+    """
+    if "\x00" in name:
+        raise InvalidNameError(f"name {name!r} contains a NUL character")
+    try:
+        return name.encode("utf-8", "surrogateescape") + b"\x00"
+    except UnicodeEncodeError as exc:
+        raise InvalidNameError(f"name {name!r} cannot be stored as UTF-8: {exc.reason}") from None
 
 
 def _decode_name(data: bytes) -> str:

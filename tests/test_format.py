@@ -322,6 +322,14 @@ class TestExtentHeader:
         assert decoded.entries == (fmt.ClusterEntry(4, 1, 0),)
         assert decoded.block_count == 0
 
+    def test_lean_form_keeps_used_words_in_slot_order(self) -> None:
+        words = [fmt.make_blockinfo(2, 5, 0x8001), 0, fmt.make_blockinfo(1, 0xFFFFFFFF, 0)]
+        raw = fmt.encode_extent_header(UUID, words)
+        assert fmt.decode_extent_blockinfo(raw, UUID.bytes) == (2, (words[0], words[2]))
+        assert fmt.extent_header_from_blockinfo(2, (words[0], words[2])) == (
+            fmt.decode_extent_header(raw, UUID)
+        )
+
     def test_wrong_checksum(self) -> None:
         raw = bytearray(fmt.encode_extent_header(UUID, [fmt.make_blockinfo(1, 0, 1)]))
         raw[45] ^= 1

@@ -479,15 +479,19 @@ def encode_extent_header(
     return bytes(buf)
 
 
-def decode_extent_header(
+def decode_extent_blockinfo(
     data: bytes | bytearray | memoryview, uuid: uuid_mod.UUID | bytes
-) -> ExtentHeader:
-    """Decode and check one 512-byte extent header.
+) -> tuple[int, tuple[int, ...]]:
+    """Check one 512-byte extent header; return its ``block_count`` and its
+    used blockinfo words (dev_id != 0), in slot order.
 
-    Checks in the reference reader's order: MD5, uuid, magic and reserved
-    field.  Whether the masks add up to ``block_count``, and whether each
-    entry makes sense for its device, is the extent parser's business: it
-    needs the header's device table.
+    The lean form the extent parser walks: one Python object per extent
+    instead of one per cluster (building :class:`ClusterEntry` objects was
+    most of the cost of reading a sparse archive).  Checks in the reference
+    reader's order: MD5, uuid, magic and reserved field.  Whether the masks
+    add up to ``block_count``, and whether each entry makes sense for its
+    device, is the extent parser's business: it needs the header's device
+    table.
     """
     if len(data) < EXTENT_HEADER_SIZE:
         raise ValueError("an extent header is 512 bytes")
@@ -502,9 +506,27 @@ def decode_extent_header(
         raise ExtentUuidError("wrong vma extent uuid")
     if magic != EXTENT_MAGIC or reserved != 0:
         raise ExtentMagicError("wrong vma extent header magic")
-    entries = tuple(
-        ClusterEntry((word >> 32) & 0xFF, word & 0xFFFFFFFF, word >> 48)
-        for word in words
-        if (word >> 32) & 0xFF
+    return block_count, tuple([word for word in words if word & _DEV_ID_BITS])
+
+
+_DEV_ID_BITS = 0xFF << 32
+
+
+def extent_header_from_blockinfo(block_count: int, blockinfo: Iterable[int]) -> ExtentHeader:
+    """The structured form of what :func:`decode_extent_blockinfo` returns."""
+    return ExtentHeader(
+        block_count,
+        tuple(
+            ClusterEntry((word >> 32) & 0xFF, word & 0xFFFFFFFF, word >> 48)
+            for word in blockinfo
+            if (word >> 32) & 0xFF
+        ),
     )
-    return ExtentHeader(block_count, entries)
+
+
+def decode_extent_header(
+    data: bytes | bytearray | memoryview, uuid: uuid_mod.UUID | bytes
+) -> ExtentHeader:
+    """Decode and check one 512-byte extent header (the checks are those of
+    :func:`decode_extent_blockinfo`)."""
+    return extent_header_from_blockinfo(*decode_extent_blockinfo(data, uuid))

@@ -76,8 +76,9 @@ from ._format import (
     ArchiveHeader,
     DeviceInfo,
     ExtentHeader,
-    decode_extent_header,
+    decode_extent_blockinfo,
     decode_header,
+    extent_header_from_blockinfo,
     header_size_from_prefix,
 )
 
@@ -223,9 +224,22 @@ class ParsedExtent:
 
     offset: int
     """Archive byte offset of the extent header."""
-    header: ExtentHeader
+    block_count: int
+    blockinfo: tuple[int, ...]
+    """The used blockinfo words, as :func:`decode_extent_blockinfo` returns them."""
     writes: tuple[Write, ...]
     zeroes: tuple[ZeroRun, ...]
+
+    @property
+    def data_size(self) -> int:
+        """Bytes of block data after the extent's 512-byte header."""
+        return self.block_count * BLOCK_SIZE
+
+    @property
+    def header(self) -> ExtentHeader:
+        """The decoded header, built on demand: the parser itself needs only
+        the words, and one object per cluster was its main cost."""
+        return extent_header_from_blockinfo(self.block_count, self.blockinfo)
 
 
 # --- the parser ---------------------------------------------------------------------------------
@@ -270,7 +284,9 @@ class ArchiveParser:
         self._header: ArchiveHeader | None = None
         self._header_size = HEADER_FIXED_SIZE
         self._devices: dict[int, _DeviceState] = {}
-        self._extent: ExtentHeader | None = None
+        self._extent: tuple[int, tuple[int, ...]] | None = None
+        """The current extent's data size and used blockinfo words."""
+        self._uuid_bytes = b""
         self._extent_offset = 0
         self._extent_count = 0
         self._clusters_read = 0
@@ -294,7 +310,7 @@ class ArchiveParser:
             return max(EXTENT_HEADER_SIZE - self._buffered, 1)
         if self._state == _READ_EXTENT_DATA:
             assert self._extent is not None
-            missing = self._extent.data_size - self._skipped - self._buffered
+            missing = self._extent[0] - self._skipped - self._buffered
             return max(missing, 0) + EXTENT_HEADER_SIZE
         return 0
 
@@ -306,7 +322,7 @@ class ArchiveParser:
         if self.keep_data or self._state != _READ_EXTENT_DATA:
             return 0
         assert self._extent is not None
-        return max(self._extent.data_size - self._skipped - self._buffered, 0)
+        return max(self._extent[0] - self._skipped - self._buffered, 0)
 
     def skip(self, count: int) -> None:
         """Account for ``count`` data bytes read elsewhere (see :attr:`bytes_to_skip`)."""
@@ -338,16 +354,16 @@ class ArchiveParser:
         if self._state == _READ_EXTENT_HEADER:
             if self._buffered < EXTENT_HEADER_SIZE:
                 return None
-            assert self._header is not None
             self._extent_offset = self._offset
             raw = self._take_bytes(EXTENT_HEADER_SIZE)
-            self._extent = decode_extent_header(raw, self._header.uuid)
+            block_count, blockinfo = decode_extent_blockinfo(raw, self._uuid_bytes)
+            self._extent = (block_count * BLOCK_SIZE, blockinfo)
             self._state = _READ_EXTENT_DATA
         if self._state == _READ_EXTENT_DATA:
             assert self._extent is not None
-            if self._skipped + self._buffered < self._extent.data_size:
+            if self._skipped + self._buffered < self._extent[0]:
                 return None
-            extent = self._parse_extent(self._extent)
+            extent = self._parse_extent(*self._extent)
             self._extent = None
             self._skipped = 0
             self._state = _READ_EXTENT_HEADER
@@ -371,7 +387,8 @@ class ArchiveParser:
         if state == _READ_EXTENT_DATA:
             assert self._extent is not None
             have = EXTENT_HEADER_SIZE + self._skipped + self._buffered
-            raise TruncatedArchiveError(f"short vma extent ({have} < {self._extent.size})")
+            size = EXTENT_HEADER_SIZE + self._extent[0]
+            raise TruncatedArchiveError(f"short vma extent ({have} < {size})")
         for device in self._devices.values():
             if device.bitmap is None:
                 continue
@@ -466,6 +483,7 @@ class ArchiveParser:
             return None
         header = decode_header(self._take_bytes(self._header_size))
         self._header = header
+        self._uuid_bytes = header.uuid.bytes
         vmstate = header.vmstate
         for info in header.devices:
             is_vmstate = vmstate is not None and info.dev_id == vmstate.dev_id
@@ -486,9 +504,8 @@ class ArchiveParser:
             )
         return device
 
-    def _parse_extent(self, extent: ExtentHeader) -> ParsedExtent:
+    def _parse_extent(self, data_size: int, blockinfo: tuple[int, ...]) -> ParsedExtent:
         """Walk the blockinfo entries in the reference's order, with its checks."""
-        data_size = extent.data_size
         # [dev_id, device offset, data position, length], merged while contiguous
         runs: list[list[int]] = []
         zeroes: list[list[int]] = []
@@ -499,10 +516,10 @@ class ArchiveParser:
         device: _DeviceState | None = None
         pages: dict[int, bytearray] | None = None
         limit = cluster_count = 0
-        for entry in extent.entries:
-            dev_id = entry.dev_id
-            cluster_num = entry.cluster_num
-            mask = entry.mask
+        for word in blockinfo:
+            dev_id = (word >> 32) & 0xFF
+            cluster_num = word & 0xFFFFFFFF
+            mask = word >> 48
             if dev_id != current:
                 device = self._device_for(dev_id)
                 current = dev_id
@@ -552,7 +569,12 @@ class ArchiveParser:
                 if base < limit:
                     zero_length = CLUSTER_SIZE if base + CLUSTER_SIZE <= limit else limit - base
                     stats.zero_bytes += zero_length
-                    _add_zero(zeroes, dev_id, base, zero_length)
+                    if zeroes:
+                        last = zeroes[-1]
+                        if last[0] == dev_id and last[1] + last[2] == base:
+                            last[2] += zero_length
+                            continue
+                    zeroes.append([dev_id, base, zero_length])
                 continue
             for first_block, block_count, stored in mask_runs(mask):
                 start = base + first_block * BLOCK_SIZE
@@ -569,7 +591,7 @@ class ArchiveParser:
                     if mask:
                         stats.partial_zero_bytes += zero_length
                     _add_zero(zeroes, dev_id, start, zero_length)
-        self._clusters_read += len(extent.entries)
+        self._clusters_read += len(blockinfo)
         if pos != data_size:
             raise ExtentBlockCountError("vma extent error - missing blocks")
 
@@ -581,7 +603,8 @@ class ArchiveParser:
         self._extent_count += 1
         return ParsedExtent(
             offset=self._extent_offset,
-            header=extent,
+            block_count=data_size // BLOCK_SIZE,
+            blockinfo=blockinfo,
             writes=writes,
             zeroes=tuple((d, o, n) for d, o, n in zeroes),
         )

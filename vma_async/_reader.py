@@ -207,7 +207,7 @@ class VmaReader:
                 parser.feed(data)
             elif isinstance(event, ParsedExtent):
                 batch.append(event)
-                size += event.header.data_size
+                size += event.data_size
         return batch, None
 
     async def _pull_batch_async(self) -> tuple[list[ParsedExtent], ReadSummary | None]:

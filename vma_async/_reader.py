@@ -67,6 +67,8 @@ _SKIM_BATCH_BYTES: Final = 64 << 20
 """Verify keeps no data, so one worker-thread hop may cover more archive."""
 _BATCH_EXTENTS: Final = 256
 _SINK_QUEUE: Final = 2
+_SINK_ITEM_BYTES: Final = 1 << 20
+"""Data a sink queue item gathers from small extents before it is sent."""
 _INDEX_BATCH: Final = 4096
 _INDEX_PAGE: Final = 4096
 
@@ -364,17 +366,14 @@ class VmaReader:
                     senders[dev_id] = send
                     tg.start_soon(drain, sink, receive, dev_id == vmstate_id)
 
-                async def on_extent(extent: ParsedExtent) -> None:
-                    await _dispatch(extent, senders, write_zeroes, vmstate_id)
-                    await self._report(progress, total, started)
-
                 async with (
                     _ClosingAll(senders.values()),
                     contextlib.aclosing(self._batches()) as batches,
                 ):
                     async for batch, summary in batches:  # noqa: B007 - used below
-                        for extent in batch:
-                            await on_extent(extent)
+                        await _dispatch(batch, senders, write_zeroes, vmstate_id)
+                        for _ in batch:
+                            await self._report(progress, total, started)
         except BaseExceptionGroup as group:
             if failures:
                 raise failures[0] from None
@@ -435,18 +434,29 @@ class _ClosingAll:
 
 
 async def _dispatch(
-    extent: ParsedExtent,
+    batch: Sequence[ParsedExtent],
     senders: Mapping[int, MemoryObjectSendStream[_DeviceBatch]],
     write_zeroes: bool,
     vmstate_id: int,
 ) -> None:
+    """Hand each sink the batch's writes for it in items of about
+    :data:`_SINK_ITEM_BYTES`: the consecutive small extents of a sparse
+    archive share one item (one worker-thread hop) instead of one each,
+    while an item never holds much more than one full extent of data."""
     per_device: dict[int, _DeviceBatch] = {}
-    for dev_id, offset, data in extent.writes:
-        if dev_id in senders:
-            per_device.setdefault(dev_id, ([], []))[0].append((offset, data))
-    for dev_id, offset, length in extent.zeroes:
-        if dev_id in senders and (write_zeroes or dev_id == vmstate_id):
-            per_device.setdefault(dev_id, ([], []))[1].append((offset, length))
+    pending_bytes: dict[int, int] = {}
+    for extent in batch:
+        for dev_id, offset, data in extent.writes:
+            if dev_id in senders:
+                per_device.setdefault(dev_id, ([], []))[0].append((offset, data))
+                pending_bytes[dev_id] = pending_bytes.get(dev_id, 0) + len(data)
+        for dev_id, offset, length in extent.zeroes:
+            if dev_id in senders and (write_zeroes or dev_id == vmstate_id):
+                per_device.setdefault(dev_id, ([], []))[1].append((offset, length))
+        for dev_id, pending in list(pending_bytes.items()):
+            if pending >= _SINK_ITEM_BYTES:
+                del pending_bytes[dev_id]
+                await senders[dev_id].send(per_device.pop(dev_id))
     for dev_id, item in per_device.items():
         await senders[dev_id].send(item)
 

@@ -6,10 +6,10 @@ A sink needs four coroutines (``write``, ``write_zeroes``, ``flush``,
 * ``prepare(device)``: called once before any data, with the header's
   :class:`DeviceInfo`, so a sink can create or check its target with the
   device's real size and name;
-* ``write_many(writes)``: one extent's writes for the device at once, so a
-  file sink pays one worker-thread hop (about 0.2 ms) per extent instead of
-  one per run, and can merge runs that are contiguous on disk into one
-  ``pwritev``;
+* ``write_many(writes)``: a queue item's writes for the device at once (one
+  extent's, or several small extents' up to about 1 MiB of data), so a file
+  sink pays one worker-thread hop (about 0.2 ms) per item instead of one per
+  run, and can merge runs that are contiguous on disk into one ``pwritev``;
 * ``abort()``: the restore failed; a sink that created a file removes it,
   so nothing is left behind.
 

@@ -54,7 +54,7 @@ from ._format import (
     EXTENT_HEADER_SIZE,
     ArchiveHeader,
     DeviceInfo,
-    decode_extent_header,
+    decode_extent_blockinfo,
 )
 from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary, mask_runs
 from ._sinks import Sink
@@ -540,37 +540,42 @@ def _index_extents(
 ) -> tuple[int, bool]:
     """Index up to a batch of extents starting at ``offset``, blocking."""
     archive_size = source.archive_size()
+    uuid_bytes = header.uuid.bytes
     for _ in range(_INDEX_BATCH):
         if offset >= archive_size:
             return offset, True
         if archive_size - offset < EXTENT_HEADER_SIZE:
             raise TruncatedArchiveError(f"read short extent ({archive_size - offset} bytes)")
-        extent = decode_extent_header(source.pread(offset, EXTENT_HEADER_SIZE), header.uuid)
-        end = offset + extent.size
+        block_count, blockinfo = decode_extent_blockinfo(
+            source.pread(offset, EXTENT_HEADER_SIZE), uuid_bytes
+        )
+        extent_size = EXTENT_HEADER_SIZE + block_count * BLOCK_SIZE
+        end = offset + extent_size
         if end > archive_size:
             raise TruncatedArchiveError(
-                f"short vma extent ({archive_size - offset} < {extent.size})"
+                f"short vma extent ({archive_size - offset} < {extent_size})"
             )
         data_offset = offset + EXTENT_HEADER_SIZE
         stored = 0
-        for entry in extent.entries:
-            device_index = index.get(entry.dev_id)
+        for word in blockinfo:
+            dev_id = (word >> 32) & 0xFF
+            cluster_num = word & 0xFFFFFFFF
+            mask = word >> 48
+            device_index = index.get(dev_id)
             if device_index is None:
-                raise UnknownDeviceError(
-                    f"got wrong dev id {entry.dev_id} (not defined in the header)"
-                )
+                raise UnknownDeviceError(f"got wrong dev id {dev_id} (not defined in the header)")
             cluster_count = device_index.device.cluster_count
-            if not device_index.is_vmstate and entry.cluster_num >= cluster_count:
+            if not device_index.is_vmstate and cluster_num >= cluster_count:
                 raise BlockBeyondEndError(
-                    f"got wrong block address - cluster {entry.cluster_num} is past the end "
+                    f"got wrong block address - cluster {cluster_num} is past the end "
                     f"of stream {device_index.device.name} "
                     f"({cluster_count} clusters)"
                 )
-            device_index.add(entry.cluster_num, data_offset + stored * BLOCK_SIZE, entry.mask)
-            stored += entry.stored_blocks
-        if stored > extent.block_count:
+            device_index.add(cluster_num, data_offset + stored * BLOCK_SIZE, mask)
+            stored += mask.bit_count()
+        if stored > block_count:
             raise ExtentBlockCountError("short vma extent - too many blocks")
-        if stored < extent.block_count:
+        if stored < block_count:
             raise ExtentBlockCountError("vma extent error - missing blocks")
         offset = end
     return offset, False

@@ -103,7 +103,12 @@ class _FileSink:
     """
 
     def __init__(
-        self, target: str | os.PathLike[str] | int, size: int, name: str | None, sync: bool
+        self,
+        target: str | os.PathLike[str] | int,
+        size: int,
+        *,
+        name: str | None = None,
+        sync: bool = True,
     ) -> None:
         self._target = target
         self.size = size
@@ -199,7 +204,7 @@ class RawFileSink(_FileSink):
         name: str | None = None,
         sync: bool = True,
     ) -> None:
-        super().__init__(target, size, name, sync)
+        super().__init__(target, size, name=name, sync=sync)
         self._created = False
 
     def _open_blocking(self) -> None:
@@ -238,16 +243,6 @@ class ExistingFileSink(_FileSink):
     Ask the restore for ``write_zeroes`` unless the target is known to read
     back zeros.
     """
-
-    def __init__(
-        self,
-        target: str | os.PathLike[str] | int,
-        size: int,
-        *,
-        name: str | None = None,
-        sync: bool = True,
-    ) -> None:
-        super().__init__(target, size, name, sync)
 
     def _open_blocking(self) -> None:
         if not isinstance(self._target, int):

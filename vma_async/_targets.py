@@ -46,6 +46,10 @@ def _write_error(exc: OSError) -> TargetError:
     return TargetError(f"vma_queue_write: write error - {exc.strerror or exc}")
 
 
+def _close_error(exc: OSError) -> TargetError:
+    return TargetError(f"vma_writer_close: close failed - {exc.strerror}")
+
+
 class Target(abc.ABC):
     """An archive's destination; the writer drives it, one call at a time."""
 
@@ -133,6 +137,20 @@ class _FdTarget(Target):
         if self._pollable:
             anyio.notify_closing(fd)
         os.close(fd)
+
+    def _release(self) -> None:
+        """Give the fd up; a target that does not own its fd overrides this."""
+        self._close_fd()
+
+    async def close(self) -> None:
+        try:
+            self._release()
+        except OSError as exc:
+            raise _close_error(exc) from exc
+
+    async def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._release()
 
 
 class NewFileTarget(_FdTarget):
@@ -252,13 +270,12 @@ class NewFileTarget(_FdTarget):
     async def close(self) -> None:
         try:
             await anyio.to_thread.run_sync(self._flush_carry)
-            self._close_fd()
         except OSError as exc:
-            raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc
+            raise _close_error(exc) from exc
+        await super().close()
 
     async def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._close_fd()
+        await super().abort()
         if self._created:
             self._created = False
             with contextlib.suppress(FileNotFoundError):
@@ -292,16 +309,6 @@ class FifoTarget(_FdTarget):
                 continue
             return
 
-    async def close(self) -> None:
-        try:
-            self._close_fd()
-        except OSError as exc:
-            raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc
-
-    async def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._close_fd()
-
 
 class FdTarget(_FdTarget):
     """An fd the caller opened and still owns: it is never closed here.
@@ -332,16 +339,6 @@ class FdTarget(_FdTarget):
         if fd >= 0 and self._saved_flags is not None:
             fcntl.fcntl(fd, fcntl.F_SETFL, self._saved_flags)
             self._saved_flags = None
-
-    async def close(self) -> None:
-        try:
-            self._release()
-        except OSError as exc:
-            raise TargetError(f"vma_writer_close: close failed - {exc.strerror}") from exc
-
-    async def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._release()
 
 
 class CommandTarget(_FdTarget):

@@ -69,8 +69,9 @@ Options of every command:
   --help         this text
   -h             the short usage text (exit status 1, as the reference tool)
 
-FILE may be compressed with zstd, gzip or lzop (detected by content); '-' reads
-standard input.  Exit status: 0 on success, 1 on any error.
+An archive to read may be compressed with zstd or gzip (detected by content),
+or lzop (from a file only); '-' reads it from standard input.
+Exit status: 0 on success, 1 on any error.
 """
 
 HELP = {

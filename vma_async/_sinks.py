@@ -116,6 +116,7 @@ class _FileSink:
         self._fd = target if isinstance(target, int) else -1
         self._opened = False
         self._closed = False
+        self._created = False
         if name is None:
             name = f"fd {target}" if isinstance(target, int) else os.fspath(target)
         self._name = name
@@ -185,6 +186,13 @@ class _FileSink:
         if fd >= 0:
             os.close(fd)
 
+    async def abort(self) -> None:
+        """Close, and remove the file if this sink created it."""
+        await self.aclose()
+        if self._created:
+            self._created = False
+            _remove(self._target)
+
 
 class RawFileSink(_FileSink):
     """A new sparse raw image of ``size`` bytes.
@@ -195,17 +203,6 @@ class RawFileSink(_FileSink):
     holes unless the restore asks for ``write_zeroes``.  :meth:`abort` removes
     a file this sink created.
     """
-
-    def __init__(
-        self,
-        target: str | os.PathLike[str] | int,
-        size: int,
-        *,
-        name: str | None = None,
-        sync: bool = True,
-    ) -> None:
-        super().__init__(target, size, name=name, sync=sync)
-        self._created = False
 
     def _open_blocking(self) -> None:
         if not isinstance(self._target, int):
@@ -225,13 +222,6 @@ class RawFileSink(_FileSink):
         except OverflowError as exc:  # a header may claim up to 2**64 - 1 bytes
             reason = os.strerror(errno.EFBIG)
             raise SinkError(f"can't set the size of {self._name} - {reason}") from exc
-
-    async def abort(self) -> None:
-        await self.aclose()
-        if self._created and not isinstance(self._target, int):
-            self._created = False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._target)
 
 
 class ExistingFileSink(_FileSink):
@@ -371,11 +361,18 @@ class SequentialSink:
             os.close(fd)
 
     async def abort(self) -> None:
+        """Close, and remove the file if this sink created it."""
         await self.aclose()
-        if self._created and not isinstance(self._target, int):
+        if self._created:
             self._created = False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._target)
+            _remove(self._target)
+
+
+def _remove(target: str | os.PathLike[str] | int) -> None:
+    """Undo a sink's ``O_EXCL`` create (only a path is ever created)."""
+    if not isinstance(target, int):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -1,0 +1,79 @@
+"""One way to open and close: what every ``X.open(...)`` of the library returns.
+
+``VmaWriter.open``, ``VmaReader.open`` (and the other resources that need an
+``await`` to come into being) return an :class:`Opening`, which works both
+ways a caller expects from an anyio-style resource:
+
+* ``async with X.open(...) as x:`` opens, enters the resource's own context
+  (a writer starts its output task there) and leaves it on the way out;
+* ``x = await X.open(...)`` opens and hands the resource over; the caller
+  finishes it with ``await x.aclose()`` (which, as trio's ``AsyncResource``
+  rule has it, still closes, ungracefully, when cancelled).
+
+The resource itself is an async context manager, so ``x = await
+X.open(...)`` followed by ``async with x:`` is the same as the first form.
+An :class:`Opening` is single-use: it opens one resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+__all__ = ["AsyncResource", "Opening"]
+
+
+class AsyncResource(Protocol):
+    """What an :class:`Opening` opens: an async context manager with ``aclose``."""
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None: ...
+
+
+R = TypeVar("R", bound=AsyncResource)
+
+
+class Opening(Generic[R]):
+    """Awaitable for an open resource, or an async context manager over it."""
+
+    __slots__ = ("_opener", "_resource", "_used")
+
+    def __init__(self, opener: Callable[[], Awaitable[R]]) -> None:
+        self._opener = opener
+        self._resource: R | None = None
+        self._used = False
+
+    def _open(self) -> Awaitable[R]:
+        if self._used:
+            raise RuntimeError("this open() was already awaited or entered; call open() again")
+        self._used = True
+        return self._opener()
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> R:
+        resource = await self._open()
+        # A resource's __aenter__ that fails has closed (or aborted) itself.
+        entered = await resource.__aenter__()
+        self._resource = resource
+        return entered
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        resource, self._resource = self._resource, None
+        assert resource is not None
+        return await resource.__aexit__(exc_type, exc, tb)

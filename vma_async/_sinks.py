@@ -19,7 +19,6 @@ Writes to regular files and block devices run in a worker thread; a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -31,6 +30,16 @@ import anyio
 import anyio.to_thread
 
 from ._errors import DeviceSizeError, SinkError, TargetExistsError
+from ._fdio import (
+    ZERO_CHUNK,
+    Buffer,
+    create_exclusive,
+    pwrite_all,
+    remove_created,
+    write_all,
+    write_zeroes,
+    zero_view,
+)
 from ._format import DeviceInfo
 
 __all__ = [
@@ -44,11 +53,6 @@ __all__ = [
 
 SIZE_TOLERANCE: Final = 4 << 20
 """An existing target may be this much larger than the device (reference rule)."""
-_ZERO_CHUNK: Final = 1 << 20
-_IOV_MAX: Final = 1024
-_ZEROES = bytes(_ZERO_CHUNK)
-
-Buffer = bytes | bytearray | memoryview
 
 
 @runtime_checkable
@@ -66,30 +70,6 @@ class Sink(Protocol):
 
 
 # --- file sinks -------------------------------------------------------------------------------
-
-
-def _pwrite_all(fd: int, offset: int, buffers: Sequence[Buffer]) -> None:
-    """Write ``buffers`` back to back at ``offset``, retrying partial writes."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        batch = views[:_IOV_MAX]
-        written = os.pwritev(fd, batch, offset)
-        offset += written
-        while written:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
-
-
-def _write_zeroes(fd: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        step = min(_ZERO_CHUNK, end - offset)
-        _pwrite_all(fd, offset, [memoryview(_ZEROES)[:step]])
-        offset += step
 
 
 class _FileSink:
@@ -152,7 +132,7 @@ class _FileSink:
                     group.append(writes[index][1])
                     end += len(writes[index][1])
                     index += 1
-                _pwrite_all(fd, offset, group)
+                pwrite_all(fd, offset, group)
         except OSError as exc:
             raise self._fail(exc) from exc
 
@@ -167,7 +147,7 @@ class _FileSink:
     async def write_zeroes(self, offset: int, length: int) -> None:
         fd = await self._ensure_open()
         try:
-            await anyio.to_thread.run_sync(_write_zeroes, fd, offset, length)
+            await anyio.to_thread.run_sync(write_zeroes, fd, offset, length)
         except OSError as exc:
             raise self._fail(exc) from exc
 
@@ -207,9 +187,8 @@ class RawFileSink(_FileSink):
     def _open_blocking(self) -> None:
         if not isinstance(self._target, int):
             path = os.fspath(self._target)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             try:
-                self._fd = os.open(path, flags, 0o644)
+                self._fd = create_exclusive(None, path)
             except FileExistsError as exc:
                 raise TargetExistsError(f"can't create file {path} - file exists") from exc
             except OSError as exc:
@@ -290,9 +269,8 @@ class SequentialSink:
             raise SinkError("vmstate sink is closed")
         if not isinstance(self._target, int):
             path = os.fspath(self._target)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             try:
-                self._fd = await anyio.to_thread.run_sync(os.open, path, flags, 0o644)
+                self._fd = await anyio.to_thread.run_sync(create_exclusive, None, path)
             except FileExistsError as exc:
                 raise TargetExistsError(f"can't create file {path} - file exists") from exc
             except OSError as exc:
@@ -311,7 +289,7 @@ class SequentialSink:
         view = memoryview(data).cast("B")
         try:
             if not self._is_pipe:
-                await anyio.to_thread.run_sync(_write_all, fd, view)
+                await anyio.to_thread.run_sync(write_all, fd, view)
             else:
                 while view:
                     try:
@@ -337,8 +315,8 @@ class SequentialSink:
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_offset(offset)
         while length:
-            step = min(length, _ZERO_CHUNK)
-            await self._append(memoryview(_ZEROES)[:step])
+            step = min(length, ZERO_CHUNK)
+            await self._append(zero_view(step))
             length -= step
 
     async def flush(self) -> None:
@@ -369,15 +347,9 @@ class SequentialSink:
 
 
 def _remove(target: str | os.PathLike[str] | int) -> None:
-    """Undo a sink's ``O_EXCL`` create (only a path is ever created)."""
+    """Undo a sink's exclusive create (only a path is ever created)."""
     if not isinstance(target, int):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
+        remove_created(None, target)
 
 
 # --- callback sink ------------------------------------------------------------------------------
@@ -413,8 +385,8 @@ class CallbackSink:
             return
         end = offset + length
         while offset < end:
-            step = min(_ZERO_CHUNK, end - offset)
-            await self._write(offset, memoryview(_ZEROES)[:step])
+            step = min(ZERO_CHUNK, end - offset)
+            await self._write(offset, zero_view(step))
             offset += step
 
     async def flush(self) -> None:

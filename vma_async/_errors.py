@@ -54,6 +54,10 @@ __all__ = [
     "RestoreMapError",
     "ClusterSizeError",
     "WriterAbortedError",
+    "NbdError",
+    "NbdProtocolError",
+    "NbdCommandError",
+    "NbdOptionError",
 ]
 
 
@@ -232,3 +236,34 @@ class UnsafeNameError(VmaError):
 class RestoreMapError(VmaError):
     """A restore map (``vma extract -r``) line is malformed or names an
     unsupported format, cache mode or throttle limit, or a device has no line."""
+
+
+# --- NBD (network block device) --------------------------------------------
+
+
+class NbdError(VmaError):
+    """An NBD connection failed: the peer broke the protocol, refused an option
+    or a command, or went away."""
+
+
+class NbdProtocolError(NbdError):
+    """The peer violated the NBD protocol (bad magic, impossible length, a reply
+    to no request); the connection is unusable and is closed."""
+
+
+class NbdOptionError(NbdError):
+    """The server refused a handshake option (unknown export, unsupported
+    option); ``reply_type`` holds the server's ``NBD_REP_ERR_*`` value."""
+
+    def __init__(self, message: str, reply_type: int = 0) -> None:
+        super().__init__(message)
+        self.reply_type = reply_type
+
+
+class NbdCommandError(NbdError):
+    """The server answered a command with an error; ``errno`` holds the NBD
+    error value (``errno.EIO``, ``errno.EINVAL``...).  The connection stays usable."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno

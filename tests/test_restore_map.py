@@ -100,3 +100,20 @@ def test_every_reference_cache_mode_is_accepted(mode: str) -> None:
 )  # fmt: skip
 def test_map_is_complete(text: str, complete: bool) -> None:
     assert map_is_complete(text) is complete
+
+
+def test_skip_line() -> None:
+    entries = parse_restore_map(["skip=drive-scsi1\n", "0:drive-scsi0=/p\n", "done\n"])
+    assert entries["drive-scsi1"] == RestoreMapEntry("drive-scsi1", "", False, skip=True)
+    assert not entries["drive-scsi0"].skip
+
+
+def test_later_skip_replaces_a_mapping() -> None:
+    assert parse_restore_map(["0:d=/p\n", "skip=d\n"])["d"].skip
+
+
+@pytest.mark.parametrize("line", ["skip", "skip=", "skipd=x", "skip:d"])
+def test_skip_without_a_name_is_the_reference_error(line: str) -> None:
+    with pytest.raises(RestoreMapError) as info:
+        parse_restore_map([line + "\n"])
+    assert str(info.value) == f"read map failed - option 'skip' has no value ('{line}')"

@@ -5,10 +5,13 @@ and ends it with ``done`` or an empty line (it may keep the FIFO open after
 that, so the reader must stop at the terminator, not wait for end of file)::
 
     [format=F:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:DEVNAME=PATH
+    skip=DEVNAME
 
 The option prefixes may come in any order, each at most once.  ``0:`` restores
 without writing zero blocks (the target already reads back zeros), ``1:``
-writes them.  The parser keeps the reference's messages word for word, so an
+writes them.  ``skip=DEVNAME`` (current Proxmox ``vma``) restores nothing of
+that device: its data is still read past, since the archive usually arrives
+as a stream.  The parser keeps the reference's messages word for word, so an
 operator who knows ``vma`` recognises them; what the reference leaves to QEMU's
 block layer (formats, cache modes, throttle limits) is checked here too, with
 the messages QEMU would give.
@@ -54,6 +57,8 @@ class RestoreMapEntry:
     throttling_bps: int = 0
     throttling_group: str | None = None
     cache: str | None = None
+    skip: bool = False
+    """``skip=DEVNAME``: nothing of this device is written (``path`` is empty)."""
 
     @property
     def throttle_key(self) -> str:
@@ -75,6 +80,11 @@ def _parse_number(text: str) -> int:
 
 
 def _parse_line(line: str) -> RestoreMapEntry:
+    if line.startswith("skip"):
+        # The reference: strncmp(line, "skip", 4), then '=' and a name required.
+        if len(line) < 6 or line[4] != "=":
+            raise RestoreMapError(f"read map failed - option 'skip' has no value ('{line}')")
+        return RestoreMapEntry(devname=line[5:], path="", write_zeroes=False, skip=True)
     options: dict[str, str] = {}
     rest = line
     matched = True

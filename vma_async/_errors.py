@@ -58,6 +58,8 @@ __all__ = [
     "NbdProtocolError",
     "NbdCommandError",
     "NbdOptionError",
+    "QemuError",
+    "QemuMissingError",
 ]
 
 
@@ -267,3 +269,17 @@ class NbdCommandError(NbdError):
     def __init__(self, message: str, errno: int) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+# --- QEMU's tools (qemu-img, qemu-nbd) ---------------------------------------
+
+
+class QemuError(VmaError):
+    """qemu-img or qemu-nbd failed: it could not open or create an image (a
+    missing file, the wrong format, a full disk), or it died mid-transfer.
+    The message quotes the tool's own words and how it exited."""
+
+
+class QemuMissingError(QemuError):
+    """qemu-img or qemu-nbd is not installed; the message names the Debian
+    package (``qemu-utils``) that provides them."""

@@ -60,6 +60,9 @@ __all__ = [
     "NbdOptionError",
     "QemuError",
     "QemuMissingError",
+    "DigestError",
+    "DigestMismatchError",
+    "DuplicateDeviceNameError",
 ]
 
 
@@ -233,6 +236,21 @@ class DeviceSizeError(SinkError):
 
 class UnsafeNameError(VmaError):
     """A config or device name from the archive cannot be used as a file name."""
+
+
+class DigestError(VmaError):
+    """A ``.digest`` sidecar (``vma create --digest``) cannot be read or does not
+    belong to the archive (another uuid, other devices, a damaged table)."""
+
+
+class DigestMismatchError(DigestError):
+    """Archive data does not match its sidecar digest: the archive was changed
+    or damaged after it was written (the format itself checksums headers only)."""
+
+
+class DuplicateDeviceNameError(WriterUsageError):
+    """Two devices of one archive with the same name: no restore could tell
+    them apart (the reference's extract refuses such an archive)."""
 
 
 class RestoreMapError(VmaError):

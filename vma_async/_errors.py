@@ -34,6 +34,7 @@ __all__ = [
     "OpenStreamError",
     "IncompleteStreamError",
     "SinkError",
+    "SinkExistsError",
     "SourceError",
     "StreamClosedError",
     "TargetError",
@@ -228,6 +229,10 @@ class SourceError(VmaError):
 
 class SinkError(VmaError):
     """A restore sink failed to accept data."""
+
+
+class SinkExistsError(SinkError):
+    """A sink that creates its target found it existing; a sink never overwrites."""
 
 
 class DeviceSizeError(SinkError):

@@ -455,7 +455,7 @@ def _open_fd(fd: int) -> ArchiveSource:
 
 async def _sniff(source: ArchiveSource) -> tuple[ArchiveSource, bytes]:
     """Read the first bytes to recognise a compressor; put them back."""
-    if isinstance(source, _FileSource):
+    if source.seekable:  # a file or an s3:// object: peek without consuming
         return source, await anyio.to_thread.run_sync(source.pread, 0, _MAGIC_PEEK)
     head = b""
     while len(head) < _MAGIC_PEEK:
@@ -476,6 +476,10 @@ async def open_source(source: SourceLike | ArchiveSource) -> ArchiveSource:
         raw = source
     elif isinstance(source, anyio.abc.ByteReceiveStream):
         raw = _StreamSource(source)
+    elif isinstance(source, str) and source.startswith("s3://"):
+        from ._s3 import S3Source  # needs the optional obstore package
+
+        raw = await S3Source.open(source)
     elif isinstance(source, int) or source == "-":
         fd_in = 0 if source == "-" else source
         assert isinstance(fd_in, int)

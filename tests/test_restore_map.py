@@ -70,10 +70,7 @@ def test_throttle_key_defaults_to_path() -> None:
         ("throttling.bps=1_000:0:d=/p", "read map failed - not a number: 1_000"),
         ("throttling.bps=08:0:d=/p", "read map failed - not a number: 08"),
         ("cache=fast:0:d=/p", "invalid cache option: fast"),
-        (
-            "format=qcow2:0:d=/p",
-            "unsupported format 'qcow2' for d: only raw images can be restored",
-        ),
+        ("format=qcow3:0:d=/p", "can't open file /p - Unknown driver 'qcow3'"),
         (
             "throttling.bps=1000000000000001:0:d=/p",
             "failed to apply throttling - bps must be within [0, 1000000000000000]",

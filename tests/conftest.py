@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests.s3_server"]  # the session's SeaweedFS (s3_server fixture)
+
 
 @pytest.fixture(
     params=[

@@ -32,13 +32,21 @@ import stat
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
 from ._assembler import WriterStatus
-from ._errors import RestoreMapError, SourceError, UnsafeNameError, VmaError
+from ._digest import DeviceDigest, DigestRecorder
+from ._errors import (
+    DuplicateDeviceNameError,
+    RestoreMapError,
+    SourceError,
+    UnsafeNameError,
+    VmaError,
+)
 from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
 from ._parser import ReadSummary
 from ._reader import ReadProgress, VmaReader, _unwrap_group
@@ -157,6 +165,8 @@ async def backup_image(
     dev_id: int,
     image: Image | StrPath,
     progress: Callable[[], None] | None = None,
+    *,
+    digest: DeviceDigest | None = None,
 ) -> None:
     """Write a whole image into the registered stream ``dev_id``, then close it.
 
@@ -164,7 +174,8 @@ async def backup_image(
     end of the file (a size rounded up to 512) are zeros.  Clusters wholly in
     holes go to the writer as ``None`` and are never read.  ``progress`` is
     called after every cluster.  The image is read one chunk ahead of the
-    writer, so disk and writer work overlap.
+    writer, so disk and writer work overlap.  ``digest`` (``--digest``) is fed
+    each chunk in a worker thread, beside the packing.
     """
     own = not isinstance(image, Image)
     opened = open_image(image) if not isinstance(image, Image) else image
@@ -185,6 +196,8 @@ async def backup_image(
                         raise SourceError(
                             f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
                         ) from exc
+                    if digest is not None:
+                        await anyio.to_thread.run_sync(digest.update, offset, *chunk)
                     await send.send((offset, *chunk))
 
         async with anyio.create_task_group() as tg:
@@ -216,6 +229,8 @@ async def create_archive(
     size_multiple: int = 1,
     uuid: uuid_mod.UUID | None = None,
     ctime: int | None = None,
+    reproducible: bool = False,
+    digest: DigestRecorder | None = None,
 ) -> WriterStatus:
     """Back up ``devices`` (``(name, path)`` pairs) into a new archive at ``target``.
 
@@ -226,11 +241,22 @@ async def create_archive(
     status after every cluster.  On any failure, or cancellation, the writer is
     aborted (the partial archive is removed) and the error propagates.
     Returns the final status: per-stream sizes and zero bytes.
+
+    ``reproducible``: devices one after another, clusters ascending, so the
+    same input gives a byte-identical archive (one that deduplicates well);
+    ``uuid`` then defaults to one derived from the device names and sizes,
+    ``ctime`` to the newest modification time of the images.  ``digest``
+    collects the ``.digest`` sidecar's hashes (see ``_digest``).  Two devices
+    with one name are refused (no restore could tell them apart).
     """
     images: list[tuple[str, Image]] = []
     try:
         for name, path in devices:
+            if any(name == known for known, _ in images):
+                raise DuplicateDeviceNameError(f"device name '{name}' given twice")
             images.append((name, open_image(path)))
+        if reproducible:
+            uuid, ctime = _reproducible_identity(images, size_multiple, uuid, ctime)
         async with VmaWriter.open(target, uuid=uuid, ctime=ctime) as writer:
             for config_name, data in configs:
                 writer.add_config(config_name, data)
@@ -244,10 +270,25 @@ async def create_archive(
                     progress(writer.status())
 
             report()  # the reference's first status: "progress 0%" before any data
-            if registered:
+            digests = [
+                digest.device(name, _round_up(image.size, size_multiple))
+                if digest is not None
+                else None
+                for name, image in images
+            ]
+            if registered and reproducible:
+                for (dev_id, image), device_digest in zip(registered, digests, strict=True):
+                    await backup_image(writer, dev_id, image, report, digest=device_digest)
+            elif registered:
                 async with anyio.create_task_group() as tg:
-                    for dev_id, image in registered:
-                        tg.start_soon(backup_image, writer, dev_id, image, report)
+                    for (dev_id, image), device_digest in zip(registered, digests, strict=True):
+                        tg.start_soon(
+                            partial(backup_image, digest=device_digest),
+                            writer,
+                            dev_id,
+                            image,
+                            report,
+                        )
             else:
                 await writer.flush()
         return writer.status()
@@ -256,6 +297,28 @@ async def create_archive(
     finally:
         for _, image in images:
             image.close()
+
+
+_REPRODUCIBLE_NAMESPACE = uuid_mod.UUID("5d1f4c52-7a3e-4d55-9a57-0d6c1b8e2f10")
+
+
+def _reproducible_identity(
+    images: Sequence[tuple[str, Image]],
+    size_multiple: int,
+    uuid: uuid_mod.UUID | None,
+    ctime: int | None,
+) -> tuple[uuid_mod.UUID, int]:
+    """The uuid and ctime of a reproducible archive, unless given: a uuid
+    named by the device layout (stable across backups of one VM, so extent
+    headers match too) and the images' newest modification time."""
+    if uuid is None:
+        layout = "\n".join(
+            f"{name}={_round_up(image.size, size_multiple)}" for name, image in images
+        )
+        uuid = uuid_mod.uuid5(_REPRODUCIBLE_NAMESPACE, layout)
+    if ctime is None:
+        ctime = max((int(os.fstat(image.fd).st_mtime) for _, image in images), default=0)
+    return uuid, ctime
 
 
 def _round_up(size: int, multiple: int) -> int:

@@ -1,0 +1,383 @@
+"""The ``.digest`` sidecar: what the VMA format cannot check, its data.
+
+Goal.  The format checksums headers only (the archive header and each
+extent header carry an MD5 of themselves); a flipped byte of cluster data in
+an uncompressed archive passes ``verify`` and is restored silently.  ``vma
+create --digest`` therefore writes ``ARCHIVE.digest`` beside the archive, and
+``vma verify`` checks the data against it in the same single streaming pass.
+
+Format (version 1).  One line of JSON, then binary tables::
+
+    {"format": "vma-digest", "version": 1, "uuid": "<archive uuid>",
+     "cluster_size": 65536, "cluster_digest": "sha256-128",
+     "table_sha256": "<hex SHA-256 of all the tables>",
+     "devices": [{"name": "drive-scsi0", "size": N, "sha256": "<hex>"}, ...]}\\n
+    <device 1: ceil(size / 65536) digests of 16 bytes> <device 2: ...> ...
+
+* ``sha256`` is the SHA-256 of the whole disk as ``vma extract`` restores it
+  (``size`` bytes), so ``sha256sum disk-NAME.raw`` can be compared with it.
+* Each cluster digest is the SHA-256 of that cluster's bytes (the last one
+  clipped at the device's size), truncated to 128 bits.  Clusters may arrive
+  in any order (producers interleave, devices too), and each is checked the
+  moment it is complete, so verify needs no second pass and no memory beyond
+  the clusters it is assembling.  128 bits keep a 1 GiB disk's table at
+  256 KiB (1/4096 of the data) while leaving 2^128 work to forge one cluster.
+  SHA-256 rather than BLAKE2: with the SHA extensions of today's x86 CPUs,
+  hashlib's SHA-256 runs about twice as fast (1.7 against 0.8 GB/s measured).
+* ``table_sha256`` protects the tables themselves; the JSON line names the
+  archive's uuid, so a sidecar of another archive is refused.
+
+vmstate is not covered (a stream of unbounded length); neither are configs,
+which sit in the checksummed header.
+
+Writing is atomic: a temporary file in the archive's directory, fsynced,
+then linked to its name (never over an existing file).  Hashing runs in
+worker threads (hashlib releases the GIL), on chunks the producers have
+already read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid as uuid_mod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+
+from ._errors import DigestError, DigestMismatchError
+from ._fdio import Buffer
+from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
+from ._parser import ReadSummary
+from ._progress import ProgressCallback
+from ._reader import VmaReader
+from ._sinks import Sink
+
+__all__ = [
+    "CLUSTER_DIGEST_SIZE",
+    "DIGEST_SUFFIX",
+    "DeviceDigest",
+    "DigestRecorder",
+    "DigestSink",
+    "SidecarDigest",
+    "read_digest_file",
+    "digest_path",
+    "verify_with_digest",
+    "write_digest_file",
+]
+
+DIGEST_SUFFIX = ".digest"
+CLUSTER_DIGEST_SIZE = 16
+_FORMAT = "vma-digest"
+_VERSION = 1
+_MAX_JSON_LINE = 1 << 20
+
+StrPath = str | os.PathLike[str]
+
+
+def cluster_digest(data: Buffer) -> bytes:
+    """The truncated SHA-256 of one cluster's bytes."""
+    return hashlib.sha256(data).digest()[:CLUSTER_DIGEST_SIZE]
+
+
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def _zero_digest(length: int) -> bytes:
+    digest = _ZERO_DIGESTS.get(length)
+    if digest is None:
+        digest = _ZERO_DIGESTS[length] = cluster_digest(bytes(length))
+    return digest
+
+
+# --- recording (create) --------------------------------------------------------------
+
+
+class DeviceDigest:
+    """The digests of one device, fed its content in order (blocking calls, for
+    a worker thread)."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self._sha256 = hashlib.sha256()
+        self._table = bytearray(-(-size // CLUSTER_SIZE) * CLUSTER_DIGEST_SIZE)
+        self._fed = 0
+
+    def update(self, offset: int, data: Buffer, has_data: Sequence[bool] | None = None) -> None:
+        """Feed ``data`` found at ``offset`` (cluster-aligned, right after the
+        previous call's data).  ``has_data[i]`` False says cluster ``i`` of the
+        chunk is all zero (a hole), so its digest needs no hashing."""
+        if offset != self._fed or offset % CLUSTER_SIZE:
+            raise ValueError(f"digest of {self.name}: data at {offset}, expected {self._fed}")
+        if offset + len(data) > self.size:
+            raise ValueError(f"digest of {self.name}: data past the device's end")
+        view = memoryview(data)
+        self._sha256.update(view)
+        first = offset // CLUSTER_SIZE
+        for index, start in enumerate(range(0, len(view), CLUSTER_SIZE)):
+            cluster = view[start : start + CLUSTER_SIZE]
+            if has_data is not None and not has_data[index]:
+                digest = _zero_digest(len(cluster))
+            else:
+                digest = cluster_digest(cluster)
+            at = (first + index) * CLUSTER_DIGEST_SIZE
+            self._table[at : at + CLUSTER_DIGEST_SIZE] = digest
+        self._fed += len(view)
+
+    @property
+    def complete(self) -> bool:
+        return self._fed == self.size
+
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def table(self) -> bytes:
+        return bytes(self._table)
+
+
+class DigestRecorder:
+    """Collects the digests of every device of an archive being created."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, DeviceDigest] = {}
+
+    def device(self, name: str, size: int) -> DeviceDigest:
+        """The recorder of one device, made on first use."""
+        digest = self.devices.get(name)
+        if digest is None:
+            digest = self.devices[name] = DeviceDigest(name, size)
+        return digest
+
+    def encode(self, archive_uuid: uuid_mod.UUID, order: Sequence[str]) -> bytes:
+        """The sidecar's bytes, devices in archive order."""
+        missing = [name for name in order if not self.devices[name].complete]
+        if missing:
+            raise DigestError(f"digest incomplete for {', '.join(missing)}")
+        tables = [self.devices[name].table() for name in order]
+        document = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "uuid": str(archive_uuid),
+            "cluster_size": CLUSTER_SIZE,
+            "cluster_digest": f"sha256-{CLUSTER_DIGEST_SIZE * 8}",
+            "table_sha256": hashlib.sha256(b"".join(tables)).hexdigest(),
+            "devices": [
+                {
+                    "name": name,
+                    "size": self.devices[name].size,
+                    "sha256": self.devices[name].sha256(),
+                }
+                for name in order
+            ],
+        }
+        line = json.dumps(document, separators=(", ", ": "), ensure_ascii=True) + "\n"
+        return line.encode("ascii") + b"".join(tables)
+
+
+def digest_path(archive: StrPath) -> str:
+    """Where the sidecar of ``archive`` lives."""
+    return os.fspath(archive) + DIGEST_SUFFIX
+
+
+def _write_exclusive(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)  # unlike rename, never replaces an existing file
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+async def write_digest_file(
+    path: StrPath, recorder: DigestRecorder, archive_uuid: uuid_mod.UUID, order: Sequence[str]
+) -> None:
+    """Write the sidecar atomically: complete under its name, or not there."""
+    data = recorder.encode(archive_uuid, order)
+    name = os.fspath(path)
+    try:
+        await anyio.to_thread.run_sync(_write_exclusive, name, data)
+    except OSError as exc:
+        raise DigestError(f"unable to write digest {name} - {exc.strerror}") from exc
+
+
+# --- reading and checking (verify) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarDigest:
+    """A parsed sidecar: per device (by name) its size, SHA-256 and cluster table."""
+
+    path: str
+    uuid: uuid_mod.UUID
+    sizes: Mapping[str, int]
+    sha256: Mapping[str, str]
+    tables: Mapping[str, bytes]
+
+    def check_header(self, header: ArchiveHeader) -> None:
+        """Refuse a sidecar that describes another archive."""
+        if self.uuid != header.uuid:
+            raise DigestError(
+                f"digest {self.path} belongs to archive {self.uuid}, not {header.uuid}"
+            )
+        disks = {d.name: d.size for d in header.devices if not d.is_vmstate}
+        if disks != dict(self.sizes):
+            raise DigestError(f"digest {self.path} lists other devices than the archive")
+
+
+def _parse(path: str, data: bytes) -> SidecarDigest:
+    newline = data.find(b"\n", 0, _MAX_JSON_LINE)
+    if newline < 0:
+        raise DigestError(f"{path} is not a vma digest file (no header line)")
+    try:
+        document = json.loads(data[:newline])
+        if document.get("format") != _FORMAT:
+            raise DigestError(f"{path} is not a vma digest file")
+        if document.get("version") != _VERSION:
+            raise DigestError(f"{path}: unsupported digest version {document.get('version')}")
+        if document["cluster_size"] != CLUSTER_SIZE or document["cluster_digest"] != (
+            f"sha256-{CLUSTER_DIGEST_SIZE * 8}"
+        ):
+            raise DigestError(f"{path}: unsupported cluster digest")
+        archive_uuid = uuid_mod.UUID(document["uuid"])
+        devices = [(str(d["name"]), int(d["size"]), str(d["sha256"])) for d in document["devices"]]
+        table_sha256 = str(document["table_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DigestError(f"{path}: damaged digest header ({exc})") from exc
+    body = memoryview(data)[newline + 1 :]
+    if hashlib.sha256(body).hexdigest() != table_sha256:
+        raise DigestError(f"{path}: the digest tables are damaged (checksum mismatch)")
+    tables: dict[str, bytes] = {}
+    at = 0
+    for name, size, _ in devices:
+        length = -(-size // CLUSTER_SIZE) * CLUSTER_DIGEST_SIZE
+        tables[name] = bytes(body[at : at + length])
+        at += length
+    if at != len(body):
+        raise DigestError(f"{path}: digest tables do not match the device sizes")
+    return SidecarDigest(
+        path,
+        archive_uuid,
+        {name: size for name, size, _ in devices},
+        {name: sha for name, _, sha in devices},
+        tables,
+    )
+
+
+async def read_digest_file(path: StrPath) -> SidecarDigest:
+    """Read and check a sidecar (its own checksum); DigestError if unusable."""
+    name = os.fspath(path)
+    try:
+        data = await anyio.Path(name).read_bytes()
+    except OSError as exc:
+        raise DigestError(f"unable to read digest {name} - {exc.strerror}") from exc
+    return _parse(name, data)
+
+
+class DigestSink(Sink):
+    """A restore sink that checks one device's clusters against their digests.
+
+    Used with ``write_zeroes=True`` so that every byte of every cluster
+    arrives (data or zero run): a cluster is checked as soon as all of it
+    has, whatever the order; partly arrived clusters are held (a cluster's
+    blocks all sit in one extent, so few are pending at a time).
+    """
+
+    def __init__(self, device: DeviceInfo, table: bytes) -> None:
+        self._device = device
+        self._table = table
+        self._pending: dict[int, tuple[bytearray, int]] = {}
+        self.clusters_checked = 0
+
+    def _expect(self, cluster_num: int, digest: bytes) -> None:
+        at = cluster_num * CLUSTER_DIGEST_SIZE
+        if self._table[at : at + CLUSTER_DIGEST_SIZE] != digest:
+            raise DigestMismatchError(
+                f"data of {self._device.name} at offset {cluster_num * CLUSTER_SIZE}"
+                f" (cluster {cluster_num}) does not match its digest"
+            )
+        self.clusters_checked += 1
+
+    def _cluster_length(self, cluster_num: int) -> int:
+        return min(CLUSTER_SIZE, self._device.size - cluster_num * CLUSTER_SIZE)
+
+    def _add(self, offset: int, data: Buffer | None, length: int) -> None:
+        """Account ``length`` bytes at ``offset`` (``data`` None: zeros).
+        Blocking: hashes, so it runs in a worker thread for data."""
+        view = memoryview(data) if data is not None else None
+        pos = 0
+        while pos < length:
+            cluster_num, within = divmod(offset + pos, CLUSTER_SIZE)
+            cluster_length = self._cluster_length(cluster_num)
+            piece = min(length - pos, cluster_length - within)
+            pending = self._pending.get(cluster_num)
+            if pending is None and within == 0 and piece == cluster_length:
+                if view is None:
+                    self._expect(cluster_num, _zero_digest(cluster_length))
+                else:
+                    self._expect(cluster_num, cluster_digest(view[pos : pos + piece]))
+            else:
+                buf, filled = pending if pending is not None else (bytearray(cluster_length), 0)
+                if view is not None:
+                    buf[within : within + piece] = view[pos : pos + piece]
+                filled += piece
+                if filled == cluster_length:
+                    del self._pending[cluster_num]
+                    self._expect(cluster_num, cluster_digest(buf))
+                else:
+                    self._pending[cluster_num] = (buf, filled)
+            pos += piece
+
+    def _add_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
+        for offset, data in writes:
+            self._add(offset, data, len(data))
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        await anyio.to_thread.run_sync(self._add, offset, data, len(data))
+
+    async def write_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
+        await anyio.to_thread.run_sync(self._add_many, writes)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self._add(offset, None, length)
+
+    async def flush(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if self._pending:
+            first = min(self._pending)
+            self._pending.clear()
+            raise DigestMismatchError(
+                f"cluster {first} of {self._device.name} arrived only in part"
+            )
+
+    async def abort(self) -> None:
+        self._pending.clear()
+
+
+async def verify_with_digest(
+    reader: VmaReader, sidecar: SidecarDigest, progress: ProgressCallback | None = None
+) -> ReadSummary:
+    """Walk the archive once with every check of verify, and check each disk's
+    clusters against ``sidecar`` (vmstate is read past unchecked)."""
+    sidecar.check_header(reader.header)
+    sinks: dict[str | int, Sink] = {
+        dev.dev_id: DigestSink(dev, sidecar.tables[dev.name])
+        for dev in reader.header.devices
+        if not dev.is_vmstate
+    }
+    return await reader.restore(sinks, write_zeroes=True, progress=progress)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import anyio
 
 from ._errors import SourceError
+from ._fdio import Buffer
 from ._format import CLUSTER_SIZE, DeviceInfo
 from ._reader import DeviceView, VmaReader
 from ._sinks import Sink
@@ -48,7 +49,6 @@ REPACK_CHUNK = 64 * CLUSTER_SIZE
 _ZERO_CLUSTER = bytes(CLUSTER_SIZE)
 
 StrPath = str | os.PathLike[str]
-_Data = bytes | bytearray | memoryview
 
 
 async def repack_archive(
@@ -140,7 +140,7 @@ class _ClusterFeeder(Sink):
         self._pending = bytearray()
         self._next_cluster = 0
 
-    async def write(self, offset: int, data: _Data) -> None:
+    async def write(self, offset: int, data: Buffer) -> None:
         self._pending += data
         view = memoryview(self._pending)
         whole = len(self._pending) // CLUSTER_SIZE * CLUSTER_SIZE
@@ -151,7 +151,7 @@ class _ClusterFeeder(Sink):
             view.release()
         del self._pending[:whole]
 
-    async def write_many(self, writes: Sequence[tuple[int, _Data]]) -> None:
+    async def write_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
         for offset, data in writes:
             await self.write(offset, data)
 

@@ -30,7 +30,7 @@ import errno
 import os
 import stat
 import uuid as uuid_mod
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -44,6 +44,7 @@ from ._errors import (
     DuplicateDeviceNameError,
     RestoreMapError,
     SourceError,
+    UnknownDeviceError,
     UnsafeNameError,
     VmaError,
 )
@@ -567,6 +568,7 @@ async def extract_archive(
     | None = None,
     announce: Callable[[str, int], None] | None = None,
     progress: Callable[[ReadProgress], None] | None = None,
+    devices: Collection[str] | None = None,
 ) -> ExtractResult:
     """Restore an archive into a new directory, the reference tool's way.
 
@@ -579,10 +581,17 @@ async def extract_archive(
     FIFO at that point) disks go to the existing targets it names instead.
     ``announce(path, size)`` is called before each disk file is created (the
     reference's ``DEVINFO`` line).  On failure everything created is removed.
+
+    Partial restore: ``devices`` (``vma extract -d``) names the disks to
+    restore (configs and vmstate always are); a map entry ``skip=NAME`` skips
+    one.  A skipped disk gets no file and no writes, and its data is read
+    past unchecked for duplicates.  A name in ``devices`` that the archive
+    lacks is an error before anything is created.
     """
     target = os.fspath(targetdir)
     async with await VmaReader.open(source) as reader:
         header = reader.header
+        _check_wanted(header, devices)
         for name, _ in header.configs:
             check_file_name(name, "config")
         for dev in header.devices:
@@ -595,7 +604,9 @@ async def extract_archive(
             raise VmaError(f"unable to create target directory {target} - {exc.strerror}") from exc
         files = _CreatedFiles(dir_fd)
         try:
-            return await _extract_into(reader, target, files, restore_map, announce, progress)
+            return await _extract_into(
+                reader, target, files, restore_map, announce, progress, devices
+            )
         except BaseException:
             files.remove_all()
             with contextlib.suppress(OSError):
@@ -614,6 +625,7 @@ async def _extract_into(
     | None,
     announce: Callable[[str, int], None] | None,
     progress: Callable[[ReadProgress], None] | None,
+    devices: Collection[str] | None,
 ) -> ExtractResult:
     header = reader.header
     for name, data in header.configs:
@@ -631,6 +643,8 @@ async def _extract_into(
     renames: list[tuple[str, str]] = []
     try:
         for dev in header.devices:
+            if not dev.is_vmstate and devices is not None and dev.name not in devices:
+                continue  # -d: not restored, and needs no map line
             if dev.is_vmstate:
                 sinks[dev.dev_id] = SequentialSink(
                     _create(files, "vmstate.bin", "create vmstate file '{path}' failed - {error}")
@@ -643,7 +657,9 @@ async def _extract_into(
                 sinks[dev.dev_id] = RawFileSink(fd, dev.size, name=dev.name)
                 renames.append((tmp_name, f"disk-{dev.name}.raw"))
             else:
-                sinks[dev.dev_id] = _mapped_sink(dev, entries, limiters)
+                sink = _mapped_sink(dev, entries, limiters)
+                if sink is not None:
+                    sinks[dev.dev_id] = sink
         summary = await reader.restore(
             sinks,
             write_zeroes=any(entry.write_zeroes for entry in (entries or {}).values()),
@@ -663,6 +679,20 @@ async def _extract_into(
     return ExtractResult(summary, list(files.names))
 
 
+def _check_wanted(header: ArchiveHeader, devices: Collection[str] | None) -> None:
+    """Every disk named for a partial restore must be in the archive (the
+    reference ignores unknown names silently; a typo then restores nothing)."""
+    if devices is None:
+        return
+    disks = [dev.name for dev in header.devices if not dev.is_vmstate]
+    unknown = [name for name in devices if name not in disks]
+    if unknown:
+        raise UnknownDeviceError(
+            f"no disk named {', '.join(repr(n) for n in unknown)} in the archive"
+            f" (its disks: {', '.join(disks) or 'none'})"
+        )
+
+
 def _create(files: _CreatedFiles, name: str, message: str) -> int:
     try:
         return files.create(name)
@@ -673,12 +703,14 @@ def _create(files: _CreatedFiles, name: str, message: str) -> int:
 
 def _mapped_sink(
     dev: DeviceInfo, entries: Mapping[str, RestoreMapEntry], limiters: Mapping[str, RateLimiter]
-) -> Sink:
+) -> Sink | None:
     """The existing target a restore map names for ``dev``, wrapped for its
-    zero handling and throttle group."""
+    zero handling and throttle group; None for ``skip=``."""
     entry = entries.get(dev.name)
     if entry is None:
         raise RestoreMapError(f"no device name mapping for {dev.name}")
+    if entry.skip:
+        return None
     sink: Sink = ExistingFileSink(entry.path, dev.size, name=dev.name)
     if not entry.write_zeroes:
         sink = _ZeroesSkipped(sink)

@@ -51,6 +51,7 @@ from ._errors import (
 from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
 from ._parser import ReadSummary
 from ._reader import ReadProgress, VmaReader, _unwrap_group
+from ._nbd_sink import NbdSink
 from ._restore_map import RestoreMapEntry, map_is_complete, parse_restore_map
 from ._sinks import Buffer, ExistingFileSink, RawFileSink, SequentialSink, Sink
 from ._writer import VmaWriter
@@ -711,7 +712,11 @@ def _mapped_sink(
         raise RestoreMapError(f"no device name mapping for {dev.name}")
     if entry.skip:
         return None
-    sink: Sink = ExistingFileSink(entry.path, dev.size, name=dev.name)
+    sink: Sink = (
+        ExistingFileSink(entry.path, dev.size, name=dev.name)
+        if entry.format in (None, "raw")  # raw keeps the direct path
+        else NbdSink(entry.path, entry.format, cache=entry.cache, name=dev.name)
+    )
     if not entry.write_zeroes:
         sink = _ZeroesSkipped(sink)
     limiter = limiters.get(entry.throttle_key)

@@ -34,6 +34,7 @@ from ._images import (
     read_restore_map,
 )
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
+from ._progress import DeviceProgress, Progress, ProgressCallback
 from ._reader import DeviceView, ReadProgress, VmaReader
 from ._restore_map import RestoreMapEntry, parse_restore_map
 from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
@@ -58,6 +59,9 @@ __all__ = [
     "ParsedExtent",
     "RawFileSink",
     "ReadProgress",
+    "Progress",
+    "DeviceProgress",
+    "ProgressCallback",
     "ReadSummary",
     "SequentialSink",
     "Sink",

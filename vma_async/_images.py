@@ -49,9 +49,10 @@ from ._errors import (
     VmaError,
 )
 from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
-from ._parser import ReadSummary
-from ._reader import ReadProgress, VmaReader, _unwrap_group
 from ._nbd_sink import NbdSink
+from ._parser import ReadSummary
+from ._qemu import check_format
+from ._reader import ReadProgress, VmaReader, _unwrap_group
 from ._restore_map import RestoreMapEntry, map_is_complete, parse_restore_map
 from ._sinks import Buffer, ExistingFileSink, RawFileSink, SequentialSink, Sink
 from ._writer import VmaWriter
@@ -570,6 +571,7 @@ async def extract_archive(
     announce: Callable[[str, int], None] | None = None,
     progress: Callable[[ReadProgress], None] | None = None,
     devices: Collection[str] | None = None,
+    image_format: str = "raw",
 ) -> ExtractResult:
     """Restore an archive into a new directory, the reference tool's way.
 
@@ -588,8 +590,14 @@ async def extract_archive(
     one.  A skipped disk gets no file and no writes, and its data is read
     past unchecked for duplicates.  A name in ``devices`` that the archive
     lacks is an error before anything is created.
+
+    ``image_format`` (``vma extract --format``): each disk becomes a new
+    image of that QEMU format instead, ``disk-NAME.FMT`` (via
+    ``tmp-disk-NAME.FMT``), made by ``qemu-img create`` and filled through
+    qemu-nbd straight from the archive, with no raw intermediate.
     """
     target = os.fspath(targetdir)
+    check_format(image_format)
     async with await VmaReader.open(source) as reader:
         header = reader.header
         _check_wanted(header, devices)
@@ -597,7 +605,7 @@ async def extract_archive(
             check_file_name(name, "config")
         for dev in header.devices:
             if not dev.is_vmstate:
-                check_file_name(f"tmp-disk-{dev.name}.raw", "device")
+                check_file_name(f"tmp-disk-{dev.name}.{image_format}", "device")
         try:
             os.mkdir(target, 0o777)
             dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -606,7 +614,7 @@ async def extract_archive(
         files = _CreatedFiles(dir_fd)
         try:
             return await _extract_into(
-                reader, target, files, restore_map, announce, progress, devices
+                reader, target, files, restore_map, announce, progress, devices, image_format
             )
         except BaseException:
             files.remove_all()
@@ -627,6 +635,7 @@ async def _extract_into(
     announce: Callable[[str, int], None] | None,
     progress: Callable[[ReadProgress], None] | None,
     devices: Collection[str] | None,
+    image_format: str,
 ) -> ExtractResult:
     header = reader.header
     for name, data in header.configs:
@@ -651,12 +660,17 @@ async def _extract_into(
                     _create(files, "vmstate.bin", "create vmstate file '{path}' failed - {error}")
                 )
             elif entries is None:
-                tmp_name = f"tmp-disk-{dev.name}.raw"
+                tmp_name = f"tmp-disk-{dev.name}.{image_format}"
                 if announce is not None:
                     announce(f"{target}/{tmp_name}", dev.size)
-                fd = _create(files, tmp_name, "can't create file {path} - {error}")
-                sinks[dev.dev_id] = RawFileSink(fd, dev.size, name=dev.name)
-                renames.append((tmp_name, f"disk-{dev.name}.raw"))
+                if image_format == "raw":
+                    fd = _create(files, tmp_name, "can't create file {path} - {error}")
+                    sinks[dev.dev_id] = RawFileSink(fd, dev.size, name=dev.name)
+                else:  # qemu-img creates it (O_EXCL first); renamed or removed with the rest
+                    path = f"{target}/{tmp_name}"
+                    sinks[dev.dev_id] = NbdSink(path, image_format, create=True, name=dev.name)
+                    files.names.append(tmp_name)
+                renames.append((tmp_name, f"disk-{dev.name}.{image_format}"))
             else:
                 sink = _mapped_sink(dev, entries, limiters)
                 if sink is not None:

@@ -147,7 +147,8 @@ async def sweep(
         assert open_fds() == fds, f"fd leaked when cancelled at point {k}"
         assert len(anyio.get_running_tasks()) == tasks, f"task leaked at point {k}"
         assert_no_children()
-        most = max(most, counter.count)  # a pipe's timing may add or skip a wait
+        if not counter.fired:  # a cancelled run's count includes its shielded clean-up
+            most = max(most, counter.count)  # a pipe's timing may add or skip a wait
         if k > 0:
             coverage.runs += 1
             coverage.covered += counter.fired
@@ -235,7 +236,7 @@ async def test_cancel_the_writer_at_every_point(
         writer = await VmaWriter.open(target, uuid=UUID, buffer_count=2)
         try:
             await produce(writer)
-            await writer.close()
+            await writer.aclose()
         except BaseException as exc:
             await writer.abort(exc)
             raise
@@ -277,7 +278,7 @@ async def test_a_cancelled_write_is_fatal_only_through_the_context_manager(
         await writer.write(dev_id, 0, b"x")
     await writer.write(dev_id, 0, b"x")
     await writer.close_stream(dev_id)
-    await writer.close()
+    await writer.aclose()
     assert await restored_or_error(path) != {}
     await anyio.Path(path).unlink()
     with anyio.CancelScope() as scope:

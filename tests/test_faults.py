@@ -118,12 +118,9 @@ async def test_disk_full_file_target(small_fs: Path) -> None:
 async def test_disk_full_fd_target() -> None:
     fds = open_fds()
     fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        with pytest.raises(TargetError) as caught:
-            await write_archive(fd)
-        assert str(caught.value) == "vma_queue_write: write error - No space left on device"
-    finally:
-        os.close(fd)
+    with pytest.raises(TargetError) as caught:
+        await write_archive(fd)  # an int fd: the writer's to close (closefd=True)
+    assert str(caught.value) == "vma_queue_write: write error - No space left on device"
     assert open_fds() == fds
 
 

@@ -187,7 +187,7 @@ async def write_archive(
         )
         try:
             await produce(writer)
-            await writer.close()
+            await writer.aclose()
         except BaseException:
             await writer.abort()
             raise

@@ -22,7 +22,7 @@ from vma_async import (
     TargetError,
     TargetExistsError,
 )
-from vma_async._targets import Target, make_target
+from vma_async._targets import Target, resolve_target
 
 pytestmark = pytest.mark.anyio
 
@@ -229,13 +229,13 @@ async def test_fifo_open_is_cancellable(tmp_path: Path) -> None:
 async def test_fd_target_pipe_is_non_blocking_only_while_in_use() -> None:
     read_end, write_end = os.pipe()
     try:
-        target = FdTarget(write_end)
+        target = FdTarget(write_end, closefd=False)
         await target.open()
         assert not os.get_blocking(write_end)
         await target.write(memoryview(b"hello"))
         await target.close()
         assert os.get_blocking(write_end)  # flags restored
-        os.write(write_end, b"!")  # still open: the caller owns it
+        os.write(write_end, b"!")  # still open: closefd=False
         assert os.read(read_end, 100) == b"hello!"
     finally:
         os.close(read_end)
@@ -247,7 +247,7 @@ async def test_fd_target_regular_file(tmp_path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        target = FdTarget(fd)
+        target = FdTarget(fd, closefd=False)
         await target.open()
         await target.write(memoryview(b"data"))
         await target.abort()
@@ -255,6 +255,23 @@ async def test_fd_target_regular_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == b"data"  # abort never removes what the caller made
+
+
+@pytest.mark.parametrize("finish", ["close", "abort"])
+async def test_fd_target_closes_its_fd_by_default(finish: str) -> None:
+    """closefd=True (the default, as Python's open(fd)): the target owns the fd."""
+    read_end, write_end = os.pipe()
+    try:
+        target = FdTarget(write_end)
+        await target.open()
+        await target.write(memoryview(b"hello"))
+        await (target.close() if finish == "close" else target.abort())
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(write_end)
+        assert os.read(read_end, 100) == b"hello"
+        assert os.read(read_end, 100) == b""  # the write end is closed: EOF
+    finally:
+        os.close(read_end)
 
 
 async def test_fd_target_bad_fd() -> None:
@@ -315,7 +332,7 @@ async def test_command_ignoring_sigterm_is_killed_after_the_grace_period() -> No
 # --- picking a target ---------------------------------------------------------------------
 
 
-async def test_make_target(tmp_path: Path) -> None:
+async def test_resolve_target(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     mine = NewFileTarget(tmp_path / "x")
@@ -327,8 +344,8 @@ async def test_make_target(tmp_path: Path) -> None:
         (7, FdTarget),
     ]
     for given, expected in cases:
-        assert type(make_target(given)) is expected  # type: ignore[arg-type]
-    assert make_target(mine) is mine
-    command = make_target("exec:zstd -q -o x.zst")
+        assert type(await resolve_target(given)) is expected  # type: ignore[arg-type]
+    assert await resolve_target(mine) is mine
+    command = await resolve_target("exec:zstd -q -o x.zst")
     assert isinstance(command, CommandTarget)
     assert command.command == "zstd -q -o x.zst"

@@ -6,10 +6,15 @@ structure checked extent by extent; device bytes and configs must be equal.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import re
+import threading
+import traceback
 import uuid as uuid_mod
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -19,8 +24,13 @@ import zstandard
 from tests.helpers_dissect import check_structure, chunks, read_with_dissect
 from tests.writer_model import ReferenceWriterModel
 from vma_async import (
+    BLOCK_SIZE,
+    CLUSTER_SIZE,
+    ClusterRangeError,
     CommandFailedError,
+    FdTarget,
     InvalidStreamError,
+    NewFileTarget,
     OpenStreamError,
     TargetError,
     TargetExistsError,
@@ -28,12 +38,12 @@ from vma_async import (
     WriterAbortedError,
 )
 from vma_async._assembler import WRITER_EXTENT_SIZE
-from vma_async._targets import CommandTarget, FdTarget
+from vma_async._targets import CommandTarget
 
 pytestmark = pytest.mark.anyio
 
-CLUSTER = 65536
-BLOCK = 4096
+CLUSTER = CLUSTER_SIZE
+BLOCK = BLOCK_SIZE
 UUID = uuid_mod.UUID("c0ffee00-1234-5678-9abc-def012345678")
 CTIME = 1_234_567_890
 CONFIGS = {"qemu-server.conf": b"memory: 2048\ncores: 2\n", "qemu-server.fw": b"[OPTIONS]\n"}
@@ -171,7 +181,7 @@ async def test_awaited_open_drains_inline(tmp_path: Path) -> None:
     path = tmp_path / "inline.vma"
     writer = await VmaWriter.open(path, buffer_count=2)
     await produce(writer, images, producers=4)
-    await writer.close()
+    await writer.aclose()
     assert_archive(path.read_bytes(), images, {})
     assert writer.stats.extents_written == 4  # header, 58 + 58 + 4 clusters
     assert writer.stats.buffered_bytes == 0
@@ -253,27 +263,29 @@ async def test_slow_pipe_backpressure_bounds_memory() -> None:
     images = {f"d{i}": make_image(60 * CLUSTER, "random", random.Random(i)) for i in range(3)}
     received = bytearray()
 
-    async with anyio.create_task_group() as tg:
-        async with VmaWriter.open(FdTarget(write_end), buffer_count=2) as writer:
+    async with (
+        anyio.create_task_group() as tg,
+        VmaWriter.open(FdTarget(write_end), buffer_count=2) as writer,
+    ):
 
-            async def slow_reader() -> None:
-                # Start reading only once a producer has been made to wait.
-                with anyio.fail_after(30):
-                    while writer.stats.producer_waits == 0:
-                        await anyio.lowlevel.checkpoint()
-                while True:
-                    await anyio.wait_readable(read_end)
-                    try:
-                        chunk = os.read(read_end, 4096)
-                    except BlockingIOError:
-                        continue
-                    if not chunk:
-                        return
-                    received.extend(chunk)
+        async def slow_reader() -> None:
+            # Start reading only once a producer has been made to wait.
+            with anyio.fail_after(30):
+                while writer.stats.producer_waits == 0:
+                    await anyio.lowlevel.checkpoint()
+            while True:
+                await anyio.wait_readable(read_end)
+                try:
+                    chunk = os.read(read_end, 4096)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return
+                received.extend(chunk)
 
-            tg.start_soon(slow_reader)
-            await produce(writer, images, producers=4)
-        os.close(write_end)  # the caller's fd: the writer leaves it open
+        tg.start_soon(slow_reader)
+        await produce(writer, images, producers=4)
+    # FdTarget closed write_end (closefd=True), so slow_reader saw EOF
     os.close(read_end)
 
     stats = writer.stats
@@ -321,10 +333,10 @@ async def test_invalid_call_aborts_and_sticks(tmp_path: Path) -> None:
     assert open_fds() == fds
     error = writer.status().error
     assert isinstance(error, InvalidStreamError)
-    for call in (writer.write(1, 0, None), writer.close_stream(1), writer.flush(), writer.close()):
-        with pytest.raises(InvalidStreamError) as info:
+    for call in (writer.write(1, 0, None), writer.close_stream(1), writer.flush(), writer.aclose()):
+        with pytest.raises(InvalidStreamError, match="no such stream 2$") as info:
             await call
-        assert info.value is error
+        assert info.value.__cause__ is error  # a fresh error, chained to the sticky one
 
 
 async def test_close_with_open_stream_removes_the_file(tmp_path: Path) -> None:
@@ -414,7 +426,7 @@ async def test_failing_command_at_close(tmp_path: Path) -> None:
     await writer.write(1, 0, b"data")
     await writer.close_stream(1)
     with pytest.raises(CommandFailedError, match=f"^command '{command}' exited with status 3$"):
-        await writer.close()
+        await writer.aclose()
     assert isinstance(writer.status().error, CommandFailedError)
     assert open_fds() == fds
 
@@ -433,7 +445,32 @@ async def test_output_error_is_sticky() -> None:
         await write_archive(write_end, 100)
     with pytest.raises(TargetError, match="^vma_queue_write: write error - Broken pipe$"):
         await last_writer[0].write(1, 0, None)
-    os.close(write_end)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(write_end)  # an int fd is the writer's to close (closefd=True)
+
+
+async def test_sticky_error_is_raised_fresh_each_time(tmp_path: Path) -> None:
+    """Defect 3: every later call raises a new error chained to the first;
+    re-raising the first object grew its traceback by some frames per call."""
+    writer = await VmaWriter.open(tmp_path / "a.vma")
+    dev_id = writer.register_stream("d", CLUSTER)
+    with pytest.raises(ClusterRangeError) as first:
+        await writer.write(dev_id, 5, None)
+    assert writer.status().error is first.value
+    first_frames = len(traceback.extract_tb(first.value.__traceback__))
+    raised: list[BaseException] = []
+    for _ in range(5):
+        with pytest.raises(ClusterRangeError, match=re.escape(str(first.value))) as later:
+            await writer.write(dev_id, 0, None)
+        raised.append(later.value)
+        assert later.value is not first.value
+        assert later.value.__cause__ is first.value
+    assert len(traceback.extract_tb(first.value.__traceback__)) == first_frames
+    frames = {len(traceback.extract_tb(e.__traceback__)) for e in raised}
+    assert len(frames) == 1  # each fresh error has the same, short traceback
+    with pytest.raises(ClusterRangeError):
+        await writer.aclose()
+    assert not (tmp_path / "a.vma").exists()
 
 
 async def test_error_after_close_inside_the_block_keeps_the_archive(tmp_path: Path) -> None:
@@ -445,10 +482,127 @@ async def test_error_after_close_inside_the_block_keeps_the_archive(tmp_path: Pa
         async with VmaWriter.open(path) as writer:
             opened.append(writer)
             await produce(writer, images)
-            await writer.close()
+            await writer.aclose()
             raise KeyError("after the archive was complete")
 
     with pytest.raises(KeyError):
         await close_then_fail()
     assert opened[0].status().error is None
     assert_archive(path.read_bytes(), images, {})
+
+
+# --- regressions: issue 8 (open/close shape, checkpoints, blocking calls) ---------------------
+
+
+async def test_public_constructor_is_not_a_trap(tmp_path: Path) -> None:
+    """``VmaWriter(target)`` made a writer whose target nobody opened; it failed
+    later with "Bad file descriptor".  Now it fails at once, saying what to use."""
+    path = tmp_path / "trap.vma"
+    with pytest.raises(TypeError, match=r"no public constructor: use `async with VmaWriter\.open"):
+        VmaWriter(NewFileTarget(path))
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("style", ["await-aclose", "async-with", "await-then-async-with"])
+async def test_one_way_to_open_and_close(tmp_path: Path, style: str) -> None:
+    path = tmp_path / "a.vma"
+    images = {"d": make_image(70 * CLUSTER, "mixed", random.Random(1))}
+    if style == "async-with":
+        async with VmaWriter.open(path) as writer:
+            await produce(writer, images, producers=2)
+    elif style == "await-then-async-with":
+        writer = await VmaWriter.open(path)
+        async with writer:
+            await produce(writer, images, producers=2)
+    else:
+        writer = await VmaWriter.open(path)
+        await produce(writer, images, producers=2)
+        await writer.aclose()
+        await writer.aclose()  # idempotent after success
+    assert_archive(path.read_bytes(), images, {})
+
+
+async def test_cancelled_aclose_still_closes_ungracefully(tmp_path: Path) -> None:
+    """trio's AsyncResource rule: a cancelled aclose aborts (no file that
+    looks complete, no fd), and later calls say the archive was aborted."""
+    path = tmp_path / "c.vma"
+    fds = open_fds()
+    writer = await VmaWriter.open(path)
+    dev_id = writer.register_stream("d", 3 * CLUSTER)
+    for cluster in range(3):
+        await writer.write(dev_id, cluster, b"x" * CLUSTER)
+    await writer.close_stream(dev_id)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await writer.aclose()
+    assert scope.cancelled_caught
+    assert not path.exists()
+    assert open_fds() == fds
+    with pytest.raises(WriterAbortedError, match="^vma archive aborted: cancelled$"):
+        await writer.aclose()
+
+
+async def test_write_is_a_schedule_point_every_call(tmp_path: Path) -> None:
+    """Defect 9: a producer writing in a loop (fast path: room in the open
+    extent, lock free) let other tasks run only every 16th call."""
+    writer = await VmaWriter.open(tmp_path / "s.vma")
+    dev_id = writer.register_stream("d", 64 * CLUSTER)
+    written = 0
+    seen: list[int] = []
+    done = False
+
+    async def observer() -> None:
+        while not done:
+            seen.append(written)
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(observer)
+        await anyio.lowlevel.checkpoint()  # let the observer start
+        for cluster in range(64):
+            await writer.write(dev_id, cluster, b"\x01" * CLUSTER)
+            written += 1
+        done = True
+    await writer.close_stream(dev_id)
+    await writer.aclose()
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(gaps) <= 2, f"the writing task ran {max(gaps)} writes without yielding"
+
+
+async def test_write_is_a_cancel_point_before_it_queues(tmp_path: Path) -> None:
+    """A write cancelled at its checkpoint has queued nothing: the archive goes on."""
+    path = tmp_path / "k.vma"
+    images = {"d": b"\x02" * (2 * CLUSTER)}
+    writer = await VmaWriter.open(path)
+    dev_id = writer.register_stream("d", 2 * CLUSTER)
+    await writer.write(dev_id, 0, images["d"][:CLUSTER])
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await writer.write(dev_id, 1, images["d"][CLUSTER:])
+    assert scope.cancelled_caught
+    assert writer.status().streams[0].transferred == CLUSTER
+    await writer.write(dev_id, 1, images["d"][CLUSTER:])
+    await writer.close_stream(dev_id)
+    await writer.aclose()
+    assert_archive(path.read_bytes(), images, {})
+
+
+async def test_open_stats_the_path_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 8: telling a FIFO from a new path took an os.stat on the loop
+    (a hung NFS mount would stall every task)."""
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    real_stat = os.stat
+
+    def recording_stat(*args: Any, **kwargs: Any) -> os.stat_result:
+        threads.append(threading.get_ident())
+        return real_stat(*args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    writer = await VmaWriter.open(tmp_path / "t.vma")
+    monkeypatch.undo()
+    await writer.aclose()
+    assert threads, "os.stat was not called at all"
+    assert loop_thread not in threads

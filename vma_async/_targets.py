@@ -32,6 +32,7 @@ import anyio
 import anyio.lowlevel
 
 from ._errors import CommandFailedError, TargetError, TargetExistsError
+from ._fdio import create_exclusive, remove_created, write_all
 
 EXEC_PREFIX = "exec:"
 _FIFO_RETRY_MAX_DELAY = 0.05
@@ -104,12 +105,6 @@ async def _write_nonblocking(fd: int, data: memoryview) -> None:
         await anyio.lowlevel.checkpoint()
 
 
-def _write_blocking(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
-
-
 class _FdTarget(Target):
     """Shared by every target that ends in one fd: chooses thread or poll writes."""
 
@@ -127,7 +122,7 @@ class _FdTarget(Target):
             raise _write_error(exc) from exc
 
     def _write_file(self, data: memoryview) -> None:
-        _write_blocking(self._fd, data)
+        write_all(self._fd, data)
 
     def _close_fd(self) -> None:
         """Close our fd; waiters (none, if the writer is right) are told first."""
@@ -187,9 +182,8 @@ class NewFileTarget(_FdTarget):
         await anyio.to_thread.run_sync(self._open_blocking)
 
     def _open_blocking(self) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            self._fd = os.open(self.path, flags, 0o644)
+            self._fd = create_exclusive(None, self.path)
         except FileExistsError as exc:
             raise TargetExistsError(f"can't open file {self.path} - File exists") from exc
         except OSError as exc:
@@ -278,8 +272,8 @@ class NewFileTarget(_FdTarget):
         await super().abort()
         if self._created:
             self._created = False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(remove_created, None, self.path)
 
 
 class FifoTarget(_FdTarget):
@@ -311,21 +305,25 @@ class FifoTarget(_FdTarget):
 
 
 class FdTarget(_FdTarget):
-    """An fd the caller opened and still owns: it is never closed here.
+    """An fd the caller opened.
 
-    A pipe or socket is switched to ``O_NONBLOCK`` for the writer's lifetime
-    (the flag belongs to the open file description, which the caller may
-    share), and its original flags are put back at close or abort.
+    Like Python's ``open(fd)``: the target closes ``fd`` when it closes or
+    aborts if ``closefd`` is true (the default); with ``closefd=False`` the
+    fd stays open for the caller.  A pipe or socket is switched to
+    ``O_NONBLOCK`` for the writer's lifetime (the flag belongs to the open
+    file description, which the caller may share), and its original flags
+    are put back before the fd is closed or handed back.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, closefd: bool = True) -> None:
         super().__init__()
         self.fd = fd
+        self.closefd = closefd
         self._saved_flags: int | None = None
 
     async def open(self) -> None:
         try:
-            mode = os.fstat(self.fd).st_mode
+            mode = os.fstat(self.fd).st_mode  # an fstat never waits for a disk
             if _is_pollable(mode):
                 self._saved_flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, self._saved_flags | os.O_NONBLOCK)
@@ -335,10 +333,16 @@ class FdTarget(_FdTarget):
         self._fd = self.fd
 
     def _release(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0 and self._saved_flags is not None:
-            fcntl.fcntl(fd, fcntl.F_SETFL, self._saved_flags)
-            self._saved_flags = None
+        if self._fd < 0:
+            return
+        if self._saved_flags is not None:
+            flags, self._saved_flags = self._saved_flags, None
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+        if self.closefd:
+            self._close_fd()
+        else:
+            self._fd = -1
 
 
 class CommandTarget(_FdTarget):
@@ -470,9 +474,14 @@ class CommandTarget(_FdTarget):
 TargetLike = str | os.PathLike[str] | int | Target
 
 
-def make_target(target: TargetLike) -> Target:
+async def resolve_target(target: TargetLike) -> Target:
     """Pick the target for what the caller gave: a :class:`Target` as is, an
-    int fd, ``exec:COMMAND``, an existing FIFO, or else a path to create."""
+    int fd (closed with the target, see :class:`FdTarget`), ``exec:COMMAND``,
+    an existing FIFO, or else a path to create.
+
+    Async because telling a FIFO from a path to create takes an ``os.stat``,
+    which can wait on a slow or hung file system: it runs in a worker thread.
+    """
     if isinstance(target, Target):
         return target
     if isinstance(target, int):
@@ -480,8 +489,12 @@ def make_target(target: TargetLike) -> Target:
     path = os.fspath(target)
     if path.startswith(EXEC_PREFIX):
         return CommandTarget(path[len(EXEC_PREFIX) :])
-    try:
-        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
-    except OSError:
-        is_fifo = False
+    is_fifo = await anyio.to_thread.run_sync(_is_fifo, path)
     return FifoTarget(path) if is_fifo else NewFileTarget(path)
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -31,7 +31,8 @@ Failure.  The first error is sticky (kept by the assembler) and aborts the
 archive at once: a file the writer created is removed, an ``exec:`` child is
 terminated and reaped, our fds are closed.  Errors from the output, a
 cancelled ``write``, an invalid call, or an exception leaving the ``async
-with`` block all take this path; every later call raises the sticky error.
+with`` block all take this path; every later call raises a fresh copy of the
+sticky error, chained to it.
 """
 
 from __future__ import annotations
@@ -41,10 +42,8 @@ import mmap
 import time
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -58,11 +57,10 @@ from ._assembler import (
     WriterStatus,
 )
 from ._errors import VmaError, WriterAbortedError
-from ._targets import ALIGNMENT, Target, TargetLike, make_target
+from ._opening import Opening
+from ._targets import ALIGNMENT, Target, TargetLike, resolve_target
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
-_CLUSTERS_PER_YIELD = 16
-"""The fast path of ``write`` lets the event loop run this often (1 MiB)."""
 
 DEFAULT_BUFFER_COUNT = 4
 """One extent being written, one being packed, two sealed in between: enough
@@ -113,13 +111,34 @@ class VmaWriter:
     of one event loop at once.
     """
 
-    def __init__(
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # No public constructor: a writer made here would have a target
+        # nobody opened (it failed later with "Bad file descriptor").
+        raise TypeError(
+            "VmaWriter has no public constructor: use `async with VmaWriter.open(target)"
+            " as writer:` or `writer = await VmaWriter.open(target)`"
+        )
+
+    @classmethod
+    def _create(
+        cls,
+        target: Target,
+        *,
+        uuid: uuid_mod.UUID | None,
+        ctime: int | None,
+        buffer_count: int,
+    ) -> VmaWriter:
+        writer = cls.__new__(cls)
+        writer._setup(target, uuid=uuid, ctime=ctime, buffer_count=buffer_count)
+        return writer
+
+    def _setup(
         self,
         target: Target,
         *,
-        uuid: uuid_mod.UUID | None = None,
-        ctime: int | None = None,
-        buffer_count: int = DEFAULT_BUFFER_COUNT,
+        uuid: uuid_mod.UUID | None,
+        ctime: int | None,
+        buffer_count: int,
     ) -> None:
         if buffer_count < 2:
             raise ValueError("a writer needs at least 2 buffers")
@@ -134,7 +153,6 @@ class VmaWriter:
         """Bytes sealed so far: where the next buffer starts in the archive."""
         self._current: mmap.mmap | None = None
         self._current_start = 0
-        self._unyielded = 0
         self._lock = anyio.Lock(fast_acquire=True)
         self._output_lock = anyio.Lock(fast_acquire=True)
         self._drain_scope: anyio.CancelScope | None = None
@@ -152,21 +170,30 @@ class VmaWriter:
         uuid: uuid_mod.UUID | None = None,
         ctime: int | None = None,
         buffer_count: int = DEFAULT_BUFFER_COUNT,
-    ) -> _WriterOpening:
+    ) -> Opening[VmaWriter]:
         """Open ``target`` for a new archive.
 
-        ``await VmaWriter.open(t)`` returns an open writer that the caller
-        must finish with :meth:`close` or :meth:`abort`.  ``async with
-        VmaWriter.open(t) as w`` also runs a background output task, closes on
-        a clean exit and aborts on an exception or cancellation.
+        ``async with VmaWriter.open(t) as w:`` also runs a background output
+        task (packing overlaps writing), closes on a clean exit and aborts on
+        an exception or cancellation.  ``w = await VmaWriter.open(t)`` returns
+        an open writer that the caller finishes with :meth:`aclose` (or
+        abandons with :meth:`abort`); its producers then write the output
+        themselves.
 
         ``target``: a path (created with ``O_EXCL``; an existing FIFO is
-        written instead), ``"exec:COMMAND"``, an int fd, or a :class:`Target`.
-        ``ctime`` defaults to the time the header is written.
+        written instead), ``"exec:COMMAND"``, an int fd (closed by the writer
+        unless wrapped as ``FdTarget(fd, closefd=False)``), or a
+        :class:`Target`.  ``ctime`` defaults to the time the header is written.
         """
-        return _WriterOpening(
-            cls(make_target(target), uuid=uuid, ctime=ctime, buffer_count=buffer_count)
-        )
+
+        async def opener() -> VmaWriter:
+            writer = cls._create(
+                await resolve_target(target), uuid=uuid, ctime=ctime, buffer_count=buffer_count
+            )
+            await writer._open()
+            return writer
+
+        return Opening(opener)
 
     async def _open(self) -> None:
         try:
@@ -204,14 +231,20 @@ class VmaWriter:
         """Queue one 64 KiB cluster (``None``: all zero; shorter: zero-padded);
         return the bytes transferred.  Awaits when the output is behind.
 
-        The data is copied before this returns.  Like every call here it is a
-        cancellation point.  A call that finds room in the open extent and
-        nobody holding the lock then packs at once, without awaiting (nothing
-        can interleave, so it is atomic); the others take the lock and may
-        wait for a buffer.  The event loop gets control at
-        least every 16 clusters.
+        The data is copied before this returns.  Every call is a full
+        checkpoint (trio's rule): it first lets other tasks run and takes a
+        pending cancellation, before it has changed anything, so a producer
+        writing in a loop cannot starve the others and a cancelled call has
+        queued nothing.  A call that then finds room in the open extent and
+        nobody holding the lock packs at once, without awaiting again; the
+        others take the lock and may wait for a buffer.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint()
+        # ATOMIC: from the test of the lock below to the return of the fast
+        # path there must be no await.  The lock is not taken there, so only
+        # the absence of a suspension point keeps another producer (which
+        # would take the lock and may seal or replace the open extent) out of
+        # the middle of add_cluster.
         assembler = self._assembler
         if assembler.extent_open and not assembler.extent_full and not self._lock.locked():
             try:
@@ -221,17 +254,13 @@ class VmaWriter:
                 await self._failed(exc)
                 raise
             self._account()
-            self._unyielded += 1
-            if self._unyielded >= _CLUSTERS_PER_YIELD:
-                # A scheduling point only: the cluster is queued, so this
-                # must not raise a cancellation the caller would misread.
-                self._unyielded = 0
-                await anyio.lowlevel.cancel_shielded_checkpoint()
             return transferred
         try:
             async with self._lock:
                 self._assembler.check_write(dev_id, cluster_num)
                 sealed = await self._make_room()
+                # ATOMIC (under the lock): no await between the room made
+                # above and the cluster packed here.
                 transferred = self._assembler.add_cluster(dev_id, cluster_num, data)
                 self._account()
             if sealed:
@@ -268,11 +297,16 @@ class VmaWriter:
             await self._failed(exc)
             raise
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Finish the archive: the reference's final checks (no open stream,
         every disk complete), then close the target (an ``exec:`` command's
         exit status is checked).  On any failure the archive is aborted and
-        the sticky error raised."""
+        the sticky error raised.
+
+        As trio's ``AsyncResource.aclose``: a cancelled ``aclose`` still
+        closes, ungracefully (it aborts: the archive is removed, never left
+        looking complete).  Idempotent after success.
+        """
         if self._finished:
             self._assembler.raise_if_failed()
             return
@@ -295,7 +329,11 @@ class VmaWriter:
     async def abort(self, reason: BaseException | None = None) -> None:
         """Abandon the archive: remove a file we created, terminate and reap an
         ``exec:`` child, close our fds.  Idempotent; does nothing after a
-        successful :meth:`close`; completes even when cancelled."""
+        successful :meth:`aclose`; completes even when cancelled.
+
+        This is what :meth:`aclose` does on failure; call it directly to give
+        up on an archive that could still be finished (``reason`` becomes the
+        sticky error later calls raise)."""
         if self._finished:
             return
         if reason is not None:
@@ -338,7 +376,7 @@ class VmaWriter:
         nothing (or has queued its cluster completely), so the archive can go
         on; a cancellation in the middle of an output write is fatal, and
         ``_drain`` has already aborted for it.  Cancelling the whole
-        ``async with`` block still aborts, in ``_exit``.
+        ``async with`` block still aborts, in ``__aexit__``.
         """
         if not isinstance(exc, anyio.get_cancelled_exc_class()):
             await self._fail(exc)
@@ -419,7 +457,9 @@ class VmaWriter:
     async def _hand_off(self) -> None:
         """After sealing: let the output task run, or be the output ourselves."""
         if self._task_group is not None:
-            await anyio.lowlevel.checkpoint()
+            # A scheduling point only: the cluster is queued, so this must
+            # not raise a cancellation the caller would misread.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._drain()
 
@@ -486,43 +526,18 @@ class VmaWriter:
 
     # --- async with ----------------------------------------------------------------
 
-    async def _enter(self) -> None:
-        await self._open()
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
+    async def __aenter__(self) -> VmaWriter:
+        """Start the background output task (in this task's task group, so
+        that it is left in the same task, as trio requires)."""
+        try:
+            task_group = anyio.create_task_group()
+            await task_group.__aenter__()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
         self._task_group = task_group
         task_group.start_soon(self._run_output)
-
-    async def _exit(self, exc: BaseException | None) -> None:
-        task_group = self._task_group
-        assert task_group is not None
-        try:
-            if exc is None:
-                await self.close()
-            else:
-                await self._fail(exc)
-        finally:
-            self._output_scope.cancel()
-            self._task_group = None
-            await task_group.__aexit__(None, None, None)
-
-
-class _WriterOpening:
-    """What :meth:`VmaWriter.open` returns: awaitable, or an async context manager."""
-
-    def __init__(self, writer: VmaWriter) -> None:
-        self._writer = writer
-
-    def __await__(self) -> Generator[Any, None, VmaWriter]:
-        return self._open().__await__()
-
-    async def _open(self) -> VmaWriter:
-        await self._writer._open()
-        return self._writer
-
-    async def __aenter__(self) -> VmaWriter:
-        await self._writer._enter()
-        return self._writer
+        return self
 
     async def __aexit__(
         self,
@@ -530,7 +545,18 @@ class _WriterOpening:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._writer._exit(exc)
+        """Close on a clean exit; abort on an exception or cancellation."""
+        task_group = self._task_group
+        try:
+            if exc is None:
+                await self.aclose()
+            else:
+                await self._fail(exc)
+        finally:
+            self._output_scope.cancel()
+            if task_group is not None:
+                self._task_group = None
+                await task_group.__aexit__(None, None, None)
 
 
 __all__ = ["StreamStatus", "VmaWriter", "WriterStats", "WriterStatus"]

@@ -8,6 +8,10 @@ missing=()
 for tool in zstd gzip lzop; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# NBD peers no one here wrote, for the NBD client/server tests (issue 9)
+for pair in qemu-nbd:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq

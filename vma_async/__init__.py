@@ -33,6 +33,7 @@ from ._images import (
     open_image,
     read_restore_map,
 )
+from ._nbd_client import NbdClient, list_nbd_exports
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback
 from ._reader import DeviceView, ReadProgress, VmaReader
@@ -87,5 +88,7 @@ __all__ = [
     "parse_restore_map",
     "read_restore_map",
     "__version__",
+    "NbdClient",
+    "list_nbd_exports",
     *_error_names,
 ]

@@ -10,6 +10,14 @@ Layers, bottom to top (see ``docs/architecture.md``):
 * the ``vma`` command line.
 """
 
+from ._digest import (
+    DigestRecorder,
+    SidecarDigest,
+    digest_path,
+    read_digest_file,
+    verify_with_digest,
+    write_digest_file,
+)
 from ._errors import *  # noqa: F403
 from ._errors import __all__ as _error_names
 from ._format import (
@@ -37,6 +45,7 @@ from ._nbd_client import NbdClient, list_nbd_exports
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback
 from ._reader import DeviceView, ReadProgress, VmaReader
+from ._repack import repack_archive
 from ._restore_map import RestoreMapEntry, parse_restore_map
 from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
 from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
@@ -45,6 +54,13 @@ from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
 __version__ = "0.1.0"
 
 __all__ = [
+    "DigestRecorder",
+    "SidecarDigest",
+    "digest_path",
+    "read_digest_file",
+    "repack_archive",
+    "verify_with_digest",
+    "write_digest_file",
     "BLOCK_SIZE",
     "CLUSTER_SIZE",
     "EXTENT_HEADER_SIZE",

@@ -17,6 +17,7 @@ reference dies with status 133 from ``g_error``; see ``docs/cli.md``).
 
 from __future__ import annotations
 
+import difflib
 import getopt
 import json
 import os
@@ -24,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+import uuid as uuid_mod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +38,7 @@ from . import (
     CLUSTER_SIZE,
     ArchiveHeader,
     DeviceInfo,
+    DigestRecorder,
     FormatError,
     ReadProgress,
     ReadSummary,
@@ -46,8 +49,13 @@ from . import (
     WriterStatus,
     __version__,
     create_archive,
+    digest_path,
     extract_archive,
+    read_digest_file,
     read_restore_map,
+    repack_archive,
+    verify_with_digest,
+    write_digest_file,
 )
 
 USAGE = """\
@@ -55,9 +63,11 @@ usage: vma command [command options]
 
 vma list <filename>
 vma config <filename> [-c config]
-vma create <filename> [-c config] [-v] [devname=]pathname ...
-vma extract <filename> [-v] [-r <fifo>] <targetdir>
-vma verify <filename> [-v]
+vma create <filename> [-c config] [-v] [--uuid UUID] [--ctime EPOCH] [--reproducible]
+           [--digest] [devname=]pathname ...
+vma extract <filename> [-v] [-d <drive-list>] [-r <fifo>] <targetdir>
+vma verify <filename> [-v] [--digest PATH]
+vma repack <filename> <newfile> [--uuid UUID] [--ctime EPOCH]
 
 'vma COMMAND --help' explains a command, with examples; 'vma --version' prints the version.
 """
@@ -100,53 +110,112 @@ Examples:
   vma config backup.vma -c qemu-server.fw
 """,
     "create": """\
-vma create FILE [-c CONFIG]... [-v] [NAME=]PATH...
+vma create FILE [-c CONFIG]... [-v] [--uuid UUID] [--ctime EPOCH]
+           [--reproducible] [--digest] [NAME=]PATH...
 
 Back up raw image files or block devices into a new archive (never
-overwritten).  Devices are named disk0, disk1, ... unless NAME= is given;
-each size is rounded up to a multiple of 512 bytes, as the reference does.
-FILE may be 'exec:COMMAND' (the archive goes to the command's stdin).
-  -c CONFIG   add a config file (stored under its base name); repeatable
-  -v          print the reference's progress and per-image lines on stderr
+overwritten).  Devices are named disk0, disk1, ... unless NAME= is given
+(a name given twice is refused); each size is rounded up to a multiple of
+512 bytes, as the reference does.  FILE may be 'exec:COMMAND' (the archive
+goes to the command's stdin) or '-' (standard output, not a terminal).
+  -c CONFIG        add a config file (stored under its base name); repeatable
+  -v               print the reference's progress and per-image lines on stderr
+  --uuid UUID      the archive's uuid (default: random)
+  --ctime EPOCH    its creation time in seconds since 1970 (default: now, or
+                   SOURCE_DATE_EPOCH when set)
+  --reproducible   devices one after another, clusters in ascending order, so
+                   the same input gives a byte-identical archive that
+                   deduplicates (borg, restic); uuid then defaults to one
+                   derived from the device names and sizes, ctime to the
+                   images' newest modification time
+  --digest         also write FILE.digest: SHA-256 of each disk and a digest
+                   of every cluster, which 'vma verify' checks (the format
+                   itself checksums headers only)
 
 Examples:
   vma create backup.vma -c qemu-server.conf drive-scsi0=/dev/vg/vm-100-disk-0
   vma create 'exec:zstd -q -o backup.vma.zst' disk.raw
+  vma create --reproducible --digest backup.vma drive-scsi0=disk.raw
+  vma create - disk.raw | ssh backup 'cat > vm.vma'
 """,
     "extract": """\
-vma extract FILE [-v] [-r MAP] TARGETDIR
+vma extract FILE [-v] [-d DRIVES] [-r MAP] TARGETDIR
 
 Restore into TARGETDIR, which must not exist: one file per config,
 vmstate.bin, and disk-NAME.raw per disk (written as tmp-disk-NAME.raw and
 renamed when complete; a DEVINFO line is printed for each).
-  -r MAP   read a restore map (file or FIFO) instead: lines
-           [format=raw:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:NAME=PATH
-           ended by 'done' or an empty line; 1: writes zero blocks too
-  -v       print progress and the summary lines on stdout
+  -d DRIVES  restore only these disks (comma-separated names; repeatable);
+             configs and vmstate always; an unknown name is an error
+  -r MAP     read a restore map (file or FIFO) instead: lines
+             [format=raw:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:NAME=PATH
+             or skip=NAME (restore nothing of that disk), ended by 'done'
+             or an empty line; 1: writes zero blocks too
+  -v         print progress and the summary lines on stdout
 
 Examples:
   vma extract backup.vma.zst /var/tmp/restore
   vma extract -v - restore < backup.vma
   vma extract -r map.fifo backup.vma /var/tmp/restore
+  vma extract -d drive-scsi0,drive-scsi2 backup.vma /var/tmp/restore
 """,
     "verify": """\
-vma verify FILE [-v]
+vma verify FILE [-v] [--digest PATH]
 
 Read the whole archive and check every extent and cluster, writing nothing.
-  -v   print the archive's contents, progress and the summary lines
+The VMA format checksums its headers only: a damaged data byte in an
+uncompressed archive passes this check (compressed archives have their own
+checksums).  When FILE.digest (from 'vma create --digest') exists, or with
+--digest PATH, every disk's data is also checked against it.
+  -v              print the archive's contents, progress and the summary lines
+  --digest PATH   check the data against this sidecar digest file
 
 Examples:
   vma verify -v backup.vma.zst
+  vma verify --digest backup.vma.digest - < backup.vma
+""",
+    "repack": """\
+vma repack FILE NEWFILE [--uuid UUID] [--ctime EPOCH]
+
+Write FILE again as NEWFILE in canonical order: configs and devices as
+they were, devices one after another, clusters ascending, so that backups
+of one VM deduplicate.  Keeps uuid and ctime unless given (pass a fixed
+--uuid for dedup).  FILE must be an uncompressed archive in a file
+(decompress first: zstd -d backup.vma.zst); NEWFILE may be '-' or exec:.
+
+Examples:
+  zstd -d vzdump-qemu-100.vma.zst -o /tmp/in.vma
+  vma repack /tmp/in.vma canonical.vma --uuid 6f1c0a3e-0000-4000-8000-000000000100
 """,
 }
 
-_SHORT_OPTIONS = {"list": "h", "config": "hc:", "create": "hvc:", "extract": "hvr:", "verify": "hv"}
+_SHORT_OPTIONS = {
+    "list": "h",
+    "config": "hc:",
+    "create": "hvc:",
+    "extract": "hvd:r:",
+    "verify": "hv",
+    "repack": "h",
+}
 _COMMON_LONG = ["quiet", "debug", "help"]
-_LONG_OPTIONS = {"list": [*_COMMON_LONG, "json"]}
+_LONG_OPTIONS = {
+    "list": [*_COMMON_LONG, "json"],
+    "create": [*_COMMON_LONG, "uuid=", "ctime=", "reproducible", "digest"],
+    "verify": [*_COMMON_LONG, "digest="],
+    "repack": [*_COMMON_LONG, "uuid=", "ctime="],
+}
+_ARGUMENTS = {
+    "list": "FILE",
+    "config": "FILE",
+    "create": "FILE",
+    "extract": "FILE and TARGETDIR",
+    "verify": "FILE",
+    "repack": "FILE and NEWFILE",
+}
 
 
 class UsageError(Exception):
-    """Bad command line: the reference prints its usage text and exits 1."""
+    """Bad command line: the reference prints its usage text and exits 1.
+    The message (if any) says what is wrong; it goes to stderr first."""
 
 
 @dataclass(slots=True)
@@ -160,6 +229,12 @@ class Options:
     config: str | None = None
     configs: tuple[str, ...] = ()
     restore_map: str | None = None
+    drives: tuple[str, ...] | None = None
+    uuid: uuid_mod.UUID | None = None
+    ctime: int | None = None
+    reproducible: bool = False
+    digest: bool = False
+    digest_path: str | None = None
 
 
 def parse_args(argv: Sequence[str]) -> Options | str:
@@ -174,15 +249,19 @@ def parse_args(argv: Sequence[str]) -> Options | str:
         return f"vma (vma_async) {__version__}\n"
     if args and args[0] == "--help":
         return USAGE + COMMON_HELP
-    if not args or args[0] not in _SHORT_OPTIONS:
-        raise UsageError
+    if not args:
+        raise UsageError("no command given")
+    if args[0] not in _SHORT_OPTIONS:
+        close = difflib.get_close_matches(args[0], list(_SHORT_OPTIONS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"unknown command '{args[0]}'{hint}")
     command = args.pop(0)
     try:
         pairs, positional = getopt.gnu_getopt(
             args, _SHORT_OPTIONS[command], _LONG_OPTIONS.get(command, _COMMON_LONG)
         )
     except getopt.GetoptError as exc:
-        raise UsageError from exc
+        raise UsageError(_option_problem(command, exc)) from exc
     opts = Options(command, positional, quiet=quiet, debug=debug)
     configs = []
     for flag, value in pairs:
@@ -200,15 +279,62 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             opts.json = True
         elif flag == "-r":
             opts.restore_map = value
+        elif flag == "-d":
+            opts.drives = (*(opts.drives or ()), *(n for n in value.split(",") if n))
+        elif flag == "--uuid":
+            try:
+                opts.uuid = uuid_mod.UUID(value)
+            except ValueError:
+                raise UsageError(f"--uuid: not a UUID: '{value}'") from None
+        elif flag == "--ctime":
+            opts.ctime = _epoch(value, "--ctime")
+        elif flag == "--reproducible":
+            opts.reproducible = True
+        elif flag == "--digest" and command == "create":
+            opts.digest = True
+        elif flag == "--digest":
+            opts.digest_path = value
         elif flag == "-c" and command == "create":
             configs.append(value)
         elif flag == "-c":
             opts.config = value
     opts.configs = tuple(configs)
-    wanted = {"extract": 2, "create": -1}.get(command, 1)
+    wanted = {"extract": 2, "repack": 2, "create": -1}.get(command, 1)
     if (wanted == -1 and not positional) or (wanted > 0 and len(positional) != wanted):
-        raise UsageError
+        count = f"{len(positional)} argument{'s' if len(positional) != 1 else ''}"
+        raise UsageError(f"{command} needs {_ARGUMENTS[command]} (got {count})")
+    output = {"create": positional[0], "repack": positional[-1]}.get(command)
+    if opts.digest and output is not None and (output == "-" or output.startswith("exec:")):
+        raise UsageError("--digest needs an archive file name (not '-' or exec:)")
+    if output == "-" and os.isatty(sys.stdout.fileno()):
+        raise UsageError("refusing to write an archive to a terminal")
+    if command == "create" and opts.ctime is None and "SOURCE_DATE_EPOCH" in os.environ:
+        opts.ctime = _epoch(os.environ["SOURCE_DATE_EPOCH"], "SOURCE_DATE_EPOCH")
     return opts
+
+
+def _epoch(value: str, what: str) -> int:
+    try:
+        epoch = int(value)
+    except ValueError:
+        raise UsageError(f"{what}: not a number of seconds: '{value}'") from None
+    if not 0 <= epoch < 1 << 63:
+        raise UsageError(f"{what}: out of range: {value}")
+    return epoch
+
+
+def _option_problem(command: str, exc: getopt.GetoptError) -> str:
+    """getopt's complaint, and where an option that exists elsewhere belongs."""
+    option = exc.opt
+    if option and len(option) > 1:
+        owners = [
+            name
+            for name, longs in _LONG_OPTIONS.items()
+            if any(o.rstrip("=") == option for o in longs)
+        ]
+        if owners:
+            return f"--{option} is not an option of '{command}' (only of {', '.join(owners)})"
+    return f"{command}: {exc.msg}"
 
 
 # --- output ---------------------------------------------------------------------------
@@ -409,17 +535,27 @@ async def cmd_config(opts: Options) -> int:
 
 
 async def cmd_verify(opts: Options) -> int:
-    async with await VmaReader.open(opts.args[0]) as reader:
+    archive = opts.args[0]
+    digest_file = opts.digest_path
+    if digest_file is None and archive != "-" and await anyio.Path(digest_path(archive)).exists():
+        digest_file = digest_path(archive)
+    sidecar = await read_digest_file(digest_file) if digest_file is not None else None
+    async with await VmaReader.open(archive) as reader:
         header = reader.header
         if opts.verbose and not opts.quiet:
             _emit(sys.stdout, content_lines(header))
         devices = header.devices
         reporter = ReadReporter(_progress_mode(opts), devices, devices, "verify")
         try:
-            summary = await reader.verify(progress=reporter)
+            if sidecar is not None:
+                summary = await verify_with_digest(reader, sidecar, progress=reporter)
+            else:
+                summary = await reader.verify(progress=reporter)
         except VmaError as exc:
             raise VmaError(f"verify failed - {exc}") from exc
     reporter.finish(summary)
+    if sidecar is not None and opts.verbose and not opts.quiet:
+        _emit(sys.stdout, f"data of every disk matches {sidecar.path}\n")
     return 0
 
 
@@ -454,7 +590,12 @@ async def cmd_extract(opts: Options) -> int:
 
     try:
         result = await extract_archive(
-            source, targetdir, restore_map=start, announce=announce, progress=on_progress
+            source,
+            targetdir,
+            restore_map=start,
+            announce=announce,
+            progress=on_progress,
+            devices=opts.drives,
         )
     except (FormatError, SourceError) as exc:
         if reporter is None:  # the header was bad: there was no restore yet
@@ -465,8 +606,20 @@ async def cmd_extract(opts: Options) -> int:
     return 0
 
 
+def _archive_target(name: str) -> str | int:
+    """Where ``create``/``repack`` write: a path, ``exec:``, or ``-`` (stdout)."""
+    if name == "-":
+        sys.stdout.flush()
+        return os.dup(sys.stdout.fileno())  # the writer closes its own copy
+    return name
+
+
 async def cmd_create(opts: Options) -> int:
     archive, *paths = opts.args
+    target = _archive_target(archive)
+    recorder = DigestRecorder() if opts.digest else None
+    if recorder is not None and await anyio.Path(digest_path(archive)).exists():
+        raise VmaError(f"digest file {digest_path(archive)} already exists")
     configs = []
     for name in opts.configs:
         try:
@@ -498,10 +651,24 @@ async def cmd_create(opts: Options) -> int:
 
     try:
         status = await create_archive(
-            archive, devices, configs=configs, progress=on_progress, size_multiple=512
+            target,
+            devices,
+            configs=configs,
+            progress=on_progress,
+            size_multiple=512,
+            uuid=opts.uuid,
+            ctime=opts.ctime,
+            reproducible=opts.reproducible,
+            digest=recorder,
         )
     except VmaError as exc:
         raise VmaError(f"creating vma archive failed - {exc}") from exc
+    if recorder is not None:
+        async with await VmaReader.open(archive) as reader:
+            archive_uuid = reader.header.uuid
+        await write_digest_file(
+            digest_path(archive), recorder, archive_uuid, [name for name, _ in devices]
+        )
     if bar is not None:
         bar.finish(sum(s.size for s in status.streams))
     elif mode == "lines":
@@ -516,12 +683,22 @@ async def cmd_create(opts: Options) -> int:
     return 0
 
 
+async def cmd_repack(opts: Options) -> int:
+    source, output = opts.args
+    try:
+        await repack_archive(source, _archive_target(output), uuid=opts.uuid, ctime=opts.ctime)
+    except VmaError as exc:
+        raise VmaError(f"repack failed - {exc}") from exc
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Options], Awaitable[int]]] = {
     "list": cmd_list,
     "config": cmd_config,
     "create": cmd_create,
     "extract": cmd_extract,
     "verify": cmd_verify,
+    "repack": cmd_repack,
 }
 
 
@@ -532,7 +709,7 @@ def _backend() -> tuple[str, dict[str, bool]]:
         return "asyncio", {"use_uvloop": True}
     if name in ("asyncio", "trio"):
         return name, {}
-    raise UsageError
+    raise UsageError(f"invalid VMA_ASYNC_BACKEND '{name}' (use asyncio, uvloop or trio)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -548,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _emit(sys.stdout, parsed)
             return 0
         backend, backend_options = _backend()
-    except UsageError:
+    except UsageError as exc:
+        if str(exc):
+            _emit(sys.stderr, f"vma: {exc}\n")
         _emit(sys.stdout, USAGE)
         return 1
     debug = parsed.debug

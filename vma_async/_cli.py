@@ -21,6 +21,7 @@ import difflib
 import getopt
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -410,7 +411,17 @@ def _human(n: float) -> str:
 
 class ProgressBar:
     """A one-line live progress display on a terminal (stderr), redrawn at most
-    ten times a second so that it costs nothing per cluster."""
+    ten times a second so that it costs nothing per cluster.
+
+    The line always fits the terminal (``shutil.get_terminal_size``, read at
+    each redraw so a resize is followed): per-device parts go first, then the
+    bar narrows, then the rate and sizes go.  The ETA comes from the bytes
+    actually read when the caller knows how many there are to read (a sparse
+    disk walks its holes for free, so walked bytes mislead).  The bar drawn
+    last is remembered, so an interrupt or error clears its line first.
+    """
+
+    live: ProgressBar | None = None
 
     def __init__(self, stream: TextIO, label: str) -> None:
         self._stream = stream
@@ -419,38 +430,91 @@ class ProgressBar:
         self._last_draw = 0.0
         self._drawn = False
 
-    def update(self, done: int, total: int, parts: Sequence[tuple[str, int, int]] = ()) -> None:
+    def update(
+        self,
+        done: int,
+        total: int,
+        parts: Sequence[tuple[str, int, int]] = (),
+        *,
+        read: int | None = None,
+        read_total: int | None = None,
+    ) -> None:
         now = time.monotonic()
         if now - self._last_draw < 0.1 and done < total:
             return
         self._last_draw = now
         elapsed = max(now - self._start, 1e-9)
-        rate = done / elapsed
-        fraction = done / total if total else 1.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        width = 24
-        filled = int(width * min(fraction, 1.0))
-        bar = "#" * filled + "-" * (width - filled)
-        line = (
-            f"\r{self._label} [{bar}] {fraction * 100:5.1f}% {_human(done)}/{_human(total)}"
-            f" {_human(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        if read is not None and read_total:
+            fraction = min(read / read_total, 1.0)
+            rate = read / elapsed
+            eta = (read_total - read) / rate if rate > 0 else 0.0
+        else:
+            fraction = done / total if total else 1.0
+            rate = done / elapsed
+            eta = (total - done) / rate if rate > 0 else 0.0
+        line = fit_progress_line(
+            shutil.get_terminal_size((80, 24)).columns,
+            self._label,
+            min(fraction, 1.0),
+            f"{_human(done)}/{_human(total)}",
+            f"{_human(rate)}/s",
+            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+            [f"{name} {100 * d // s if s else 100}%" for name, d, s in parts]
+            if len(parts) > 1
+            else [],
         )
-        if len(parts) > 1:
-            line += " | " + " ".join(
-                f"{name} {100 * d // s if s else 100}%" for name, d, s in parts
-            )
-        self._stream.write(line + "\x1b[K")
+        self._stream.write("\r" + line + "\x1b[K")
         self._stream.flush()
         self._drawn = True
+        ProgressBar.live = self
+
+    def clear(self) -> None:
+        """Remove the bar's line (before an error message, or on ^C)."""
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._drawn = False
+        if ProgressBar.live is self:
+            ProgressBar.live = None
 
     def finish(self, done: int) -> None:
         elapsed = max(time.monotonic() - self._start, 1e-9)
-        if self._drawn:
-            self._stream.write("\r\x1b[K")
+        self.clear()
         self._stream.write(
             f"{self._label}: {_human(done)} in {elapsed:.1f} s ({_human(done / elapsed)}/s)\n"
         )
         self._stream.flush()
+
+
+def fit_progress_line(
+    columns: int,
+    label: str,
+    fraction: float,
+    sizes: str,
+    rate: str,
+    eta: str,
+    parts: Sequence[str],
+) -> str:
+    """The bar's text in at most ``columns - 1`` characters (the last column
+    would wrap on some terminals): optional pieces are dropped in order."""
+    limit = max(columns - 1, 10)
+    percent = f"{fraction * 100:5.1f}%"
+    tails = [
+        [sizes, rate, eta, "|", *parts] if parts else [sizes, rate, eta],
+        [sizes, rate, eta],
+        [sizes, eta],
+        [eta],
+        [],
+    ]
+    for tail in tails:
+        fixed = " ".join([label, "[]", percent, *tail])
+        room = limit - len(fixed) - 1
+        if room >= 10 or (not tail and room >= 0):
+            width = min(max(room, 0), 24)
+            filled = int(width * fraction)
+            bar = "#" * filled + "-" * (width - filled)
+            return " ".join([label, f"[{bar}]", percent, *tail])
+    return f"{label} {percent}"[:limit]
 
 
 class ReadReporter:
@@ -739,6 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             COMMANDS[parsed.command], parsed, backend=backend, backend_options=backend_options
         )
     except KeyboardInterrupt:
+        if ProgressBar.live is not None:
+            ProgressBar.live.clear()  # ^C was echoed onto the bar's line
         sys.stderr.write("vma: interrupted\n")
         return 130
     except BrokenPipeError:
@@ -746,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (VmaError, OSError) as exc:
+        if ProgressBar.live is not None:
+            ProgressBar.live.clear()
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"vma: {_one_line(exc, parsed.args[0])}\n")

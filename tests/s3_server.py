@@ -196,6 +196,13 @@ class SeaweedServer:
         root = ET.fromstring(self.request("GET", f"/{bucket}?uploads"))
         return sorted(e.findtext(f"{_NS}Key") or "" for e in root.iter(f"{_NS}Upload"))
 
+    def abort_uploads(self, bucket: str) -> None:
+        """AbortMultipartUpload for every upload in progress in ``bucket``."""
+        root = ET.fromstring(self.request("GET", f"/{bucket}?uploads"))
+        for upload in root.iter(f"{_NS}Upload"):
+            key, upload_id = upload.findtext(f"{_NS}Key"), upload.findtext(f"{_NS}UploadId")
+            self.request("DELETE", f"/{bucket}/{key}?uploadId={upload_id}")
+
     def get_object(self, bucket: str, key: str) -> bytes:
         return self.request("GET", f"/{bucket}/{key}")
 

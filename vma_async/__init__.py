@@ -48,6 +48,8 @@ from ._reader import DeviceView, ReadProgress, VmaReader
 from ._repack import repack_archive
 from ._restore_map import RestoreMapEntry, parse_restore_map
 from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
+from ._compress import CompressingTarget
+from ._s3 import S3Source, S3Target, S3TargetStats
 from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
 from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
 
@@ -87,6 +89,10 @@ __all__ = [
     "FdTarget",
     "FifoTarget",
     "NewFileTarget",
+    "CompressingTarget",
+    "S3Source",
+    "S3Target",
+    "S3TargetStats",
     "StreamStatus",
     "Target",
     "VmaWriter",

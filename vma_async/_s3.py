@@ -45,7 +45,6 @@ write waits for the part hand-off in progress, never longer.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import threading
 import weakref
@@ -161,6 +160,9 @@ class S3TargetStats:
     parts_alive_high_water: int = 0
     single_put: bool = False
     """True when the archive fit in one part and went up in one conditional PUT."""
+    abort_failed: str | None = None
+    """Why aborting the multipart upload failed (the store unreachable): the
+    upload then stays until the store's lifecycle rule removes it."""
 
     @property
     def memory_bound(self) -> int:
@@ -357,8 +359,10 @@ class S3Target(Target):
         if upload is None or self._finished:
             return
         # obstore aborts the multipart upload when its context exits with an error.
-        with contextlib.suppress(Exception):
+        try:
             upload.__exit__(TargetError, TargetError("aborted"), None)
+        except Exception as exc:
+            self.stats.abort_failed = _describe(exc)
 
 
 # --- source ----------------------------------------------------------------------------------

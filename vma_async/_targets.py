@@ -477,7 +477,8 @@ TargetLike = str | os.PathLike[str] | int | Target
 async def resolve_target(target: TargetLike) -> Target:
     """Pick the target for what the caller gave: a :class:`Target` as is, an
     int fd (closed with the target, see :class:`FdTarget`), ``exec:COMMAND``,
-    an existing FIFO, or else a path to create.
+    ``s3://BUCKET/KEY`` (:class:`S3Target`), an existing FIFO, or else a path
+    to create.
 
     Async because telling a FIFO from a path to create takes an ``os.stat``,
     which can wait on a slow or hung file system: it runs in a worker thread.
@@ -489,6 +490,10 @@ async def resolve_target(target: TargetLike) -> Target:
     path = os.fspath(target)
     if path.startswith(EXEC_PREFIX):
         return CommandTarget(path[len(EXEC_PREFIX) :])
+    if path.startswith("s3://"):
+        from ._s3 import S3Target  # needs the optional obstore package
+
+        return S3Target(path)
     is_fifo = await anyio.to_thread.run_sync(_is_fifo, path)
     return FifoTarget(path) if is_fifo else NewFileTarget(path)
 

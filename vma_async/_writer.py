@@ -58,6 +58,7 @@ from ._assembler import (
 )
 from ._errors import VmaError, WriterAbortedError
 from ._opening import Opening
+from ._compress import CompressingTarget
 from ._targets import ALIGNMENT, Target, TargetLike, resolve_target
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
@@ -170,6 +171,7 @@ class VmaWriter:
         uuid: uuid_mod.UUID | None = None,
         ctime: int | None = None,
         buffer_count: int = DEFAULT_BUFFER_COUNT,
+        compress: str | None = None,
     ) -> Opening[VmaWriter]:
         """Open ``target`` for a new archive.
 
@@ -184,12 +186,16 @@ class VmaWriter:
         written instead), ``"exec:COMMAND"``, an int fd (closed by the writer
         unless wrapped as ``FdTarget(fd, closefd=False)``), or a
         :class:`Target`.  ``ctime`` defaults to the time the header is written.
+        ``compress="zstd"`` or ``"gzip"`` compresses in-process on the way
+        to any target (:class:`CompressingTarget`; for its level and threads,
+        pass one as ``target``).
         """
 
         async def opener() -> VmaWriter:
-            writer = cls._create(
-                await resolve_target(target), uuid=uuid, ctime=ctime, buffer_count=buffer_count
-            )
+            resolved = await resolve_target(target)
+            if compress is not None:
+                resolved = CompressingTarget(resolved, compress)
+            writer = cls._create(resolved, uuid=uuid, ctime=ctime, buffer_count=buffer_count)
             await writer._open()
             return writer
 

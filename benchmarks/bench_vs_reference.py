@@ -225,9 +225,8 @@ def bench_size(
             for tool, results in sides:
                 output = work / ("out.vma" if command == "create" else "out")
                 remove(output)
-                results.append(
-                    run_timed(command_argv(command, tool, ours, image, archive, config, output))
-                )
+                argv = command_argv(command, tool, ours, image, archive, config, output)
+                results.append(run_timed(argv, env))
                 remove(output)
             print(
                 f"# {command} {size_label(size)} run {index + 1}/{runs}: "

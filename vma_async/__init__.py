@@ -42,6 +42,7 @@ from ._images import (
     read_restore_map,
 )
 from ._nbd_client import NbdClient, list_nbd_exports
+from ._nbd_server import NbdExport, serve_nbd
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback
 from ._reader import DeviceView, ReadProgress, VmaReader
@@ -112,5 +113,7 @@ __all__ = [
     "__version__",
     "NbdClient",
     "list_nbd_exports",
+    "NbdExport",
+    "serve_nbd",
     *_error_names,
 ]

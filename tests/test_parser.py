@@ -266,19 +266,32 @@ def test_unknown_dev_id_is_a_clean_error() -> None:
     expect(head + ext, UnknownDeviceError, "got wrong dev id 9 (not defined in the header)")
 
 
-def test_device_without_restore_target() -> None:
+def test_skipped_device_gets_no_writes_and_no_cluster_checks() -> None:
+    """A partial restore (issue 11): the skipped disk's data is read past,
+    with no writes, zero runs, duplicate or missing-cluster check for it."""
+    images = [d.data for d in DISKS]
+    entries = vb.entries_for({i + 1: d for i, d in enumerate(DISKS)})
+    disk1 = [e for e in entries if e.dev_id == 2]
+    others = [e for e in entries if e.dev_id != 2]
+    # disk1: cluster 0 twice, and cluster 1 never: both would be errors if walked
+    broken = [*others, disk1[0], disk1[0], *disk1[2:]]
+    head = vb.header({i + 1: (d.name, len(d.data)) for i, d in enumerate(DISKS)})
+    data = head + b"".join(vb.pack(broken))
     parser = ArchiveParser()
-    parser.feed(vb.archive(DISKS))
+    parser.feed(data)
     assert parser.next_event() is not None  # the header
-    parser.restore_targets = {1, 3}
-
-    def drain() -> None:
-        while parser.next_event() is not None:
-            pass
-
-    with pytest.raises(UnknownDeviceError) as info:
-        drain()
-    assert str(info.value) == "got wrong dev id 2 (no restore target for stream disk1)"
+    parser.skip_devices({2})
+    extents: list[ParsedExtent] = []
+    while (event := parser.next_event()) is not None:
+        assert isinstance(event, ParsedExtent)
+        extents.append(event)
+    parser.end_of_input()
+    assert all(dev_id != 2 for e in extents for dev_id, _, _ in [*e.writes, *e.zeroes])
+    restored = images_from(extents, {1: len(images[0]), 3: len(images[2])})
+    assert restored == {1: images[0], 3: images[2]}
+    # walked without the skip, the same archive is refused
+    with pytest.raises(DuplicateClusterError, match="found duplicated cluster 0 for stream disk1"):
+        parse(data)
 
 
 def test_vmstate_out_of_order() -> None:

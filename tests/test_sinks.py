@@ -15,9 +15,11 @@ from vma_async import (
     ExistingFileSink,
     RawFileSink,
     SequentialSink,
+    Sink,
     SinkError,
-    TargetExistsError,
+    SinkExistsError,
 )
+from vma_async._sinks import Buffer
 
 pytestmark = pytest.mark.anyio
 MIB = 1 << 20
@@ -44,8 +46,10 @@ async def test_raw_file_never_overwrites(tmp_path: Path) -> None:
     path = tmp_path / "disk.raw"
     path.write_bytes(b"precious")
     sink = RawFileSink(path, 100)
-    with pytest.raises(TargetExistsError) as info:
+    # issue 8 defect 7: a sink's error, so "except SinkError" catches it
+    with pytest.raises(SinkError, match="file exists") as info:
         await sink.write(0, b"x")
+    assert type(info.value) is SinkExistsError
     assert str(info.value) == f"can't create file {path} - file exists"
     await sink.abort()
     assert path.read_bytes() == b"precious"
@@ -142,7 +146,7 @@ async def test_sequential_sink_never_overwrites(tmp_path: Path) -> None:
     path = tmp_path / "vmstate.bin"
     path.write_bytes(b"old")
     sink = SequentialSink(path)
-    with pytest.raises(TargetExistsError):
+    with pytest.raises(SinkExistsError, match=r"can't create file .*vmstate.bin - file exists"):
         await sink.write(0, b"new")
     await sink.abort()
     assert path.read_bytes() == b"old"
@@ -170,3 +174,56 @@ async def test_callback_sink() -> None:
         ("w", 3 * MIB, 5),
         ("f", 0, 0),
     ]
+
+
+async def test_fd_sinks_close_the_fd_unless_closefd_false(tmp_path: Path) -> None:
+    """One fd rule for sinks, sources and targets: closefd=True (the default)
+    closes a passed fd with the sink, closefd=False leaves it to the caller."""
+    kept = os.open(tmp_path / "kept.raw", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    taken = os.open(tmp_path / "taken.raw", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    read_fd, write_fd = os.pipe()
+    try:
+        for fd, closefd in ((kept, False), (taken, True)):
+            sink = RawFileSink(fd, 8192, closefd=closefd)
+            await sink.write(4096, b"data")
+            await sink.aclose()
+        vmstate = SequentialSink(write_fd, closefd=False)
+        await vmstate.write(0, b"state")
+        await vmstate.aclose()
+        assert os.pread(kept, 4, 4096) == b"data"  # still open, still ours
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(taken)
+        os.write(write_fd, b"!")  # the pipe's write end is still open
+        assert os.read(read_fd, 10) == b"state!"
+    finally:
+        os.close(kept)
+        os.close(read_fd)
+        os.close(write_fd)
+    assert (tmp_path / "taken.raw").read_bytes() == bytes(4096) + b"data" + bytes(4092)
+
+
+class _Recorder(Sink):
+    """A minimal sink: only the two abstract methods."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+        self.closed = 0
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        self.writes.append((offset, bytes(data)))
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_sink_interface_default_hooks() -> None:
+    sink = _Recorder()
+    await sink.prepare(DeviceInfo(1, "disk0", MIB))
+    await sink.write_many([(0, b"a"), (5, memoryview(b"bc"))])
+    await sink.write_zeroes(10, MIB + 3)
+    await sink.flush()
+    await sink.abort()  # the default abort closes
+    assert sink.writes == [(0, b"a"), (5, b"bc"), (10, bytes(MIB)), (10 + MIB, bytes(3))]
+    assert sink.closed == 1
+    with pytest.raises(TypeError, match="abstract"):
+        Sink()  # type: ignore[abstract]

@@ -16,36 +16,16 @@ Plan:
   the rest of the current extent plus the next extent header.  A source that
   honours it hands over one extent's data in one chunk, so every write is a
   single view.
-* Each cluster costs a few dictionary lookups; a full cluster (mask 0xFFFF) is
-  one run, and a partial mask is split into runs of stored and zero blocks
-  through a cache of mask decompositions, never block by block.  Consecutive
-  runs of one device that are contiguous both on the device and in the data
-  are merged, so the writes of a single-device extent are one big view.
+* The checks and the meaning of each blockinfo entry are the extent
+  walker's (:mod:`vma_async._walker`, shared with the random-access index):
+  it returns an extent's stored and zero runs, merged while contiguous, and
+  the parser cuts the writes out of the data it holds, so the writes of a
+  single-device extent are one big view.
 
-Worst cases (hostile input is a design input):
-
-* The header's device sizes are not trusted for allocation.  The "seen"
-  bitmap that catches duplicate and missing clusters is paged: 256-byte pages
-  (2048 clusters, 128 MiB of device each) are allocated when a cluster in them
-  first arrives.  A legitimate archive costs one bit per cluster plus a small
-  page overhead (a 16 TiB disk: about 40 MiB); a hostile one can make each
-  8.7-byte blockinfo entry allocate one page, i.e. about 40 bytes of memory
-  per byte of input, and never more than 512 MiB per device (cluster numbers
-  are 32 bits).  A dense bitmap sized from the header would instead let a
-  512-byte archive claiming a 16 EiB disk allocate gigabytes up front.
-* Buffered input never exceeds one extent (3.8 MiB) plus what the caller fed
-  beyond :attr:`bytes_wanted`.
-
-Deliberate differences from the reference reader:
-
-* A dev_id the header does not define, and a cluster number past the
-  device's last cluster, are errors (the reference asserts, or accepts a
-  zero cluster past the end silently when it falls in its bitmap's slack).
-* The missing-cluster check runs for every disk, for verify as well.
-* Device ends are byte-exact: a stored block is rejected when it starts at or
-  past the device's end and writes are clipped at the device's size, where the
-  reference works in 512-byte sectors and drops a partial last sector.  The two
-  agree for every size that is a multiple of 512 (all the reference writes).
+Worst case: buffered input never exceeds one extent (3.8 MiB) plus what
+the caller fed beyond :attr:`bytes_wanted`; the walker's own bounds (the
+paged seen-bitmap) are in its module docstring, as are the deliberate
+differences from the reference reader.
 """
 
 from __future__ import annotations
@@ -55,31 +35,28 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Final
 
-from ._errors import (
-    BadMagicError,
-    BlockBeyondEndError,
-    DuplicateClusterError,
-    ExtentBlockCountError,
-    MissingClusterError,
-    TruncatedArchiveError,
-    UnknownDeviceError,
-    VmstateOrderError,
-)
+from ._errors import BadMagicError, TruncatedArchiveError
 from ._format import (
     BLOCK_SIZE,
-    BLOCKS_PER_CLUSTER,
     CLUSTER_SIZE,
     EXTENT_HEADER_SIZE,
-    FULL_MASK,
     HEADER_FIXED_SIZE,
     VMA_MAGIC,
     ArchiveHeader,
-    DeviceInfo,
     ExtentHeader,
     decode_extent_blockinfo,
     decode_header,
     extent_header_from_blockinfo,
     header_size_from_prefix,
+)
+from ._walker import (
+    DeviceReadStats,
+    ExtentWalker,
+    Run,
+    SeenBitmap,
+    mask_runs,
+    short_extent_error,
+    short_extent_header_error,
 )
 
 __all__ = [
@@ -97,103 +74,7 @@ ZeroRun = tuple[int, int, int]
 """``(dev_id, device byte offset, length)`` of bytes the archive says are zero."""
 
 
-# --- mask decomposition ----------------------------------------------------------------
-
-_MASK_RUNS: dict[int, tuple[tuple[int, int, bool], ...]] = {}
-
-
-def mask_runs(mask: int) -> tuple[tuple[int, int, bool], ...]:
-    """Split a 16-bit block mask into ``(first_block, block_count, stored)`` runs.
-
-    Cached: real archives use few distinct masks, and the cache is bounded by
-    the 65536 possible ones.
-    """
-    runs = _MASK_RUNS.get(mask)
-    if runs is None:
-        found: list[tuple[int, int, bool]] = []
-        block = 0
-        while block < BLOCKS_PER_CLUSTER:
-            stored = bool(mask >> block & 1)
-            end = block + 1
-            while end < BLOCKS_PER_CLUSTER and bool(mask >> end & 1) == stored:
-                end += 1
-            found.append((block, end - block, stored))
-            block = end
-        runs = _MASK_RUNS[mask] = tuple(found)
-    return runs
-
-
-# --- the seen-clusters bitmap --------------------------------------------------------------
-
-_PAGE_BYTES: Final = 256
-_PAGE_CLUSTERS: Final = _PAGE_BYTES * 8
-_PAGE_SHIFT: Final = 11
-_BYTE_MASK: Final = _PAGE_BYTES - 1
-assert 1 << _PAGE_SHIFT == _PAGE_CLUSTERS
-_FULL_PAGE: Final = b"\xff" * _PAGE_BYTES
-
-
-class SeenBitmap:
-    """One bit per cluster of a device, allocated in pages on first touch.
-
-    See the module docstring for why it is paged rather than dense.
-    """
-
-    __slots__ = ("_cluster_count", "pages")
-
-    def __init__(self, cluster_count: int) -> None:
-        self._cluster_count = cluster_count
-        self.pages: dict[int, bytearray] = {}
-        """Page index (cluster >> 11) -> 256 bytes; the parser's hot loop
-        reads and sets bits here directly."""
-
-    def test_and_set(self, cluster_num: int) -> bool:
-        """Mark ``cluster_num`` seen; return whether it was seen before."""
-        page_index, bit = divmod(cluster_num, _PAGE_CLUSTERS)
-        page = self.pages.get(page_index)
-        if page is None:
-            page = self.pages[page_index] = bytearray(_PAGE_BYTES)
-        byte_index = bit >> 3
-        flag = 1 << (bit & 7)
-        if page[byte_index] & flag:
-            return True
-        page[byte_index] |= flag
-        return False
-
-    def first_missing(self) -> int | None:
-        """The lowest cluster never seen, or None when all are; O(pages)."""
-        page_count = (self._cluster_count + _PAGE_CLUSTERS - 1) // _PAGE_CLUSTERS
-        for page_index in range(page_count):
-            first = page_index * _PAGE_CLUSTERS
-            page = self.pages.get(page_index)
-            if page is None:
-                return first
-            if page == _FULL_PAGE:
-                continue
-            for byte_index, value in enumerate(page):
-                if value != 0xFF:
-                    for bit in range(8):
-                        if not value >> bit & 1:
-                            cluster = first + byte_index * 8 + bit
-                            return cluster if cluster < self._cluster_count else None
-        return None
-
-
 # --- results ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class DeviceReadStats:
-    """What one device contributed, in the reference's ``-v`` terms."""
-
-    dev_id: int
-    name: str
-    size: int
-    clusters_read: int = 0
-    zero_bytes: int = 0
-    """Bytes of the device the archive records as zero (whole or partial clusters)."""
-    partial_zero_bytes: int = 0
-    """Zero bytes inside clusters that also hold data: the 4 KiB elision's gain."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,27 +131,13 @@ _READ_EXTENT_DATA: Final = 2
 _DONE: Final = 3
 
 
-class _DeviceState:
-    __slots__ = ("bitmap", "info", "is_vmstate", "limit", "next_vmstate", "stats")
-
-    def __init__(self, info: DeviceInfo, is_vmstate: bool) -> None:
-        self.info = info
-        self.is_vmstate = is_vmstate
-        # vmstate's size is not a bound on its data (the reference uses INT64_MAX).
-        self.limit = (1 << 63) if is_vmstate else info.size
-        self.bitmap = None if is_vmstate else SeenBitmap(info.cluster_count)
-        self.next_vmstate = 0
-        self.stats = DeviceReadStats(info.dev_id, info.name, info.size)
-
-
 class ArchiveParser:
     """Feed archive bytes, take events: the :class:`ArchiveHeader` first, then
     :class:`ParsedExtent` objects; call :meth:`end_of_input` at EOF.
 
-    ``restore_targets``, once set, lists the dev_ids a restore has somewhere to
-    put: data for any other disk is an error, as in the reference's restore
-    (vmstate data with nowhere to go is dropped, as the reference does without
-    ``-r``/vmstate file).  Left as None, every device is walked (verify).
+    :meth:`skip_devices` names devices a partial restore leaves alone: their
+    extents are still walked and checked, but they get no writes, zero runs,
+    duplicate or missing-cluster checks.  By default every device is walked.
     """
 
     def __init__(self, *, keep_data: bool = True) -> None:
@@ -283,14 +150,13 @@ class ArchiveParser:
         self._state = _READ_HEADER
         self._header: ArchiveHeader | None = None
         self._header_size = HEADER_FIXED_SIZE
-        self._devices: dict[int, _DeviceState] = {}
+        self._walker: ExtentWalker | None = None
+        self._skip: Collection[int] = ()
         self._extent: tuple[int, tuple[int, ...]] | None = None
         """The current extent's data size and used blockinfo words."""
         self._uuid_bytes = b""
         self._extent_offset = 0
         self._extent_count = 0
-        self._clusters_read = 0
-        self.restore_targets: Collection[int] | None = None
 
     # -- input ------------------------------------------------------------------------------
 
@@ -383,20 +249,14 @@ class ArchiveParser:
             what = "header" if self._buffered < HEADER_FIXED_SIZE else "header data"
             raise TruncatedArchiveError(f"can't read vma {what} - got EOF")
         if state == _READ_EXTENT_HEADER and self._buffered:
-            raise TruncatedArchiveError(f"read short extent ({self._buffered} bytes)")
+            raise short_extent_header_error(self._buffered)
         if state == _READ_EXTENT_DATA:
             assert self._extent is not None
             have = EXTENT_HEADER_SIZE + self._skipped + self._buffered
             size = EXTENT_HEADER_SIZE + self._extent[0]
-            raise TruncatedArchiveError(f"short vma extent ({have} < {size})")
-        for device in self._devices.values():
-            if device.bitmap is None:
-                continue
-            missing = device.bitmap.first_missing()
-            if missing is not None:
-                raise MissingClusterError(
-                    f"detected missing cluster {missing} for stream {device.info.name}"
-                )
+            raise short_extent_error(have, size)
+        if self._walker is not None:
+            self._walker.check_complete()
         return self.summary()
 
     def summary(self) -> ReadSummary:
@@ -404,11 +264,11 @@ class ArchiveParser:
             DeviceReadStats(
                 s.dev_id, s.name, s.size, s.clusters_read, s.zero_bytes, s.partial_zero_bytes
             )
-            for s in (d.stats for d in self._devices.values())
+            for s in self.device_stats()
         )
         return ReadSummary(
-            clusters_read=self._clusters_read,
-            bytes_read=self._clusters_read * CLUSTER_SIZE,
+            clusters_read=self.clusters_read,
+            bytes_read=self.clusters_read * CLUSTER_SIZE,
             sparse_bytes=sum(s.zero_bytes for s in stats),
             partial_zero_bytes=sum(s.partial_zero_bytes for s in stats),
             archive_bytes=self._offset,
@@ -418,7 +278,20 @@ class ArchiveParser:
 
     @property
     def clusters_read(self) -> int:
-        return self._clusters_read
+        """Blockinfo entries walked so far (every device, skipped ones included)."""
+        return self._walker.clusters_walked if self._walker is not None else 0
+
+    def device_stats(self) -> tuple[DeviceReadStats, ...]:
+        """The live per-device counters (not copies: read them, do not keep them)."""
+        return self._walker.stats() if self._walker is not None else ()
+
+    def skip_devices(self, dev_ids: Collection[int]) -> None:
+        """Walk these devices without writes or duplicate and missing-cluster
+        checks: a partial restore reads their data past (the reference's
+        ``skip=``).  Call before the first extent; vmstate stays order-checked."""
+        self._skip = frozenset(dev_ids)
+        if self._walker is not None:
+            self._walker.skip(self._skip)
 
     # -- buffer helpers ------------------------------------------------------------------------
 
@@ -485,116 +358,21 @@ class ArchiveParser:
         self._header = header
         self._uuid_bytes = header.uuid.bytes
         vmstate = header.vmstate
-        for info in header.devices:
-            is_vmstate = vmstate is not None and info.dev_id == vmstate.dev_id
-            self._devices[info.dev_id] = _DeviceState(info, is_vmstate)
+        self._walker = ExtentWalker(header.devices, vmstate.dev_id if vmstate else None)
+        self._walker.skip(self._skip)
         self._state = _READ_EXTENT_HEADER
         return header
 
     # -- extents ---------------------------------------------------------------------------------
 
-    def _device_for(self, dev_id: int) -> _DeviceState:
-        device = self._devices.get(dev_id)
-        if device is None:
-            raise UnknownDeviceError(f"got wrong dev id {dev_id} (not defined in the header)")
-        targets = self.restore_targets
-        if targets is not None and not device.is_vmstate and dev_id not in targets:
-            raise UnknownDeviceError(
-                f"got wrong dev id {dev_id} (no restore target for stream {device.info.name})"
-            )
-        return device
-
     def _parse_extent(self, data_size: int, blockinfo: tuple[int, ...]) -> ParsedExtent:
-        """Walk the blockinfo entries in the reference's order, with its checks."""
-        # [dev_id, device offset, data position, length], merged while contiguous
-        runs: list[list[int]] = []
-        zeroes: list[list[int]] = []
-        pos = 0
-        # The loop runs once per cluster, so the device state is looked up only
-        # when the dev_id changes and the bitmap and run merging are inlined.
-        current = -1
-        device: _DeviceState | None = None
-        pages: dict[int, bytearray] | None = None
-        limit = cluster_count = 0
-        for word in blockinfo:
-            dev_id = (word >> 32) & 0xFF
-            cluster_num = word & 0xFFFFFFFF
-            mask = word >> 48
-            if dev_id != current:
-                device = self._device_for(dev_id)
-                current = dev_id
-                pages = device.bitmap.pages if device.bitmap is not None else None
-                # vmstate's size is no bound: it is restored in whole clusters,
-                # zero blocks included (a stream has no holes).
-                limit = device.limit
-                cluster_count = device.info.cluster_count
-            assert device is not None
-            if pages is not None:
-                if cluster_num >= cluster_count:
-                    raise BlockBeyondEndError(
-                        f"got wrong block address - cluster {cluster_num} is past the end "
-                        f"of stream {device.info.name} ({cluster_count} clusters)"
-                    )
-                page = pages.get(cluster_num >> _PAGE_SHIFT)
-                if page is None:
-                    page = pages[cluster_num >> _PAGE_SHIFT] = bytearray(_PAGE_BYTES)
-                byte_index = (cluster_num >> 3) & _BYTE_MASK
-                flag = 1 << (cluster_num & 7)
-                if page[byte_index] & flag:
-                    raise DuplicateClusterError(
-                        f"found duplicated cluster {cluster_num} for stream {device.info.name}"
-                    )
-                page[byte_index] |= flag
-            else:
-                if cluster_num != device.next_vmstate:
-                    raise VmstateOrderError("found out of order vmstate data")
-                device.next_vmstate = cluster_num + 1
-            stats = device.stats
-            stats.clusters_read += 1
-            base = cluster_num * CLUSTER_SIZE
-            if mask == FULL_MASK:
-                if pos + CLUSTER_SIZE > data_size:
-                    raise ExtentBlockCountError("short vma extent - too many blocks")
-                length = CLUSTER_SIZE if base + CLUSTER_SIZE <= limit else limit - base
-                if runs:
-                    last = runs[-1]
-                    if last[0] == dev_id and last[1] + last[3] == base and last[2] + last[3] == pos:
-                        last[3] += length
-                        pos += CLUSTER_SIZE
-                        continue
-                runs.append([dev_id, base, pos, length])
-                pos += CLUSTER_SIZE
-                continue
-            if mask == 0:  # a whole zero cluster: the other common case
-                if base < limit:
-                    zero_length = CLUSTER_SIZE if base + CLUSTER_SIZE <= limit else limit - base
-                    stats.zero_bytes += zero_length
-                    if zeroes:
-                        last = zeroes[-1]
-                        if last[0] == dev_id and last[1] + last[2] == base:
-                            last[2] += zero_length
-                            continue
-                    zeroes.append([dev_id, base, zero_length])
-                continue
-            for first_block, block_count, stored in mask_runs(mask):
-                start = base + first_block * BLOCK_SIZE
-                length = block_count * BLOCK_SIZE
-                if stored:
-                    last_start = start + length - BLOCK_SIZE
-                    if pos + length > data_size or last_start >= limit:
-                        _raise_first_block_error(pos, data_size, start, limit, block_count)
-                    _add_run(runs, dev_id, start, pos, min(length, limit - start))
-                    pos += length
-                elif start < limit:
-                    zero_length = min(length, limit - start)
-                    stats.zero_bytes += zero_length
-                    if mask:
-                        stats.partial_zero_bytes += zero_length
-                    _add_zero(zeroes, dev_id, start, zero_length)
-        self._clusters_read += len(blockinfo)
-        if pos != data_size:
-            raise ExtentBlockCountError("vma extent error - missing blocks")
-
+        """Check the extent with the walker, then cut its writes out of the data."""
+        assert self._walker is not None
+        runs, zeroes = self._walker.walk(data_size, blockinfo)
+        if self._skip:
+            skip = self._skip
+            runs = [run for run in runs if run[0] not in skip]
+            zeroes = [run for run in zeroes if run[0] not in skip]
         if self.keep_data:
             writes = self._slice_runs(runs, data_size)
         else:
@@ -606,10 +384,10 @@ class ArchiveParser:
             block_count=data_size // BLOCK_SIZE,
             blockinfo=blockinfo,
             writes=writes,
-            zeroes=tuple((d, o, n) for d, o, n in zeroes),
+            zeroes=tuple([(d, o, n) for d, o, n in zeroes]),
         )
 
-    def _slice_runs(self, runs: list[list[int]], data_size: int) -> tuple[Write, ...]:
+    def _slice_runs(self, runs: list[Run], data_size: int) -> tuple[Write, ...]:
         """Consume the extent's data and cut the runs out of it, splitting a run
         only where the fed chunks themselves were split."""
         views = self._take_views(data_size)
@@ -636,34 +414,3 @@ class ArchiveParser:
                 done += take
                 cursor_index += 1
         return tuple(writes)
-
-
-def _add_run(runs: list[list[int]], dev_id: int, dev_off: int, pos: int, length: int) -> None:
-    if runs:
-        last = runs[-1]
-        if last[0] == dev_id and last[1] + last[3] == dev_off and last[2] + last[3] == pos:
-            last[3] += length
-            return
-    runs.append([dev_id, dev_off, pos, length])
-
-
-def _add_zero(zeroes: list[list[int]], dev_id: int, dev_off: int, length: int) -> None:
-    if zeroes:
-        last = zeroes[-1]
-        if last[0] == dev_id and last[1] + last[2] == dev_off:
-            last[2] += length
-            return
-    zeroes.append([dev_id, dev_off, length])
-
-
-def _raise_first_block_error(
-    pos: int, data_size: int, start: int, limit: int, block_count: int
-) -> None:
-    """Report the first failing block of a stored run the way the reference
-    walks it: block by block, the data check before the address check."""
-    for block in range(block_count):
-        if pos + (block + 1) * BLOCK_SIZE > data_size:
-            raise ExtentBlockCountError("short vma extent - too many blocks")
-        if start + block * BLOCK_SIZE >= limit:
-            raise BlockBeyondEndError("got wrong block address - write beyond end")
-    raise AssertionError("no failing block")  # pragma: no cover

@@ -8,7 +8,9 @@ per device (``max_buffer_size`` 2 extents) -> one task per sink.  A slow sink
 fills its stream, the reader blocks on ``send`` and stops reading:
 backpressure without timers.  A read buffer is recycled only once no view of
 it is alive (see ``_sources``), so a sink can hold a view as long as it needs;
-memory is bounded by the batch plus the extents queued per sink.
+memory is bounded by the batch plus the extents queued per sink.  Devices
+without a sink are skipped: their data is read past (a stream cannot seek),
+with no writes and no duplicate or missing-cluster check for them.
 
 (A read-ahead task overlapping reads with parsing was tried and measured
 slower: the two threads mostly traded the GIL.)
@@ -16,22 +18,26 @@ slower: the two threads mostly traded the GIL.)
 Verify skims: it needs no data, so a regular file's data is read by the kernel
 and dropped (``sendfile`` to /dev/null) and one hop covers up to 64 MiB.
 
-Random access (:meth:`VmaReader.open_device`) reads only the 512-byte extent
-headers to build an index (``pread``, seeking over the data), then serves
-``read(offset, size)`` from the blocks it needs.
+Random access (:meth:`VmaReader.open_device`) reads only the extent headers
+(``pread``, seeking over the data; consecutive small extents come from one
+read), runs the same extent walker as the parser over them, and keeps each
+device's stored and zero runs sorted by device offset; ``read`` and
+``block_status`` bisect them.
+
+Worst case: an archive stream closed under the reader (``ClosedResourceError``
+or ``BrokenResourceError`` from the source) is a :class:`SourceError`, never
+taken for the end of the archive.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
 import time
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from bisect import bisect_right
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final, Self
 
 import anyio
 import anyio.abc
@@ -39,15 +45,7 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import (
-    BlockBeyondEndError,
-    DuplicateClusterError,
-    ExtentBlockCountError,
-    MissingClusterError,
-    SourceError,
-    TruncatedArchiveError,
-    UnknownDeviceError,
-)
+from ._errors import SourceError, TruncatedArchiveError, UnknownDeviceError
 from ._format import (
     BLOCK_SIZE,
     CLUSTER_SIZE,
@@ -56,11 +54,26 @@ from ._format import (
     DeviceInfo,
     decode_extent_blockinfo,
 )
-from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary, mask_runs
+from ._opening import Opening
+from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
+from ._progress import DeviceProgress, Progress, ProgressCallback, report_progress
 from ._sinks import Sink
 from ._sources import ArchiveSource, SourceLike, open_source
+from ._walker import (
+    ExtentWalker,
+    missing_cluster_error,
+    short_extent_error,
+    short_extent_header_error,
+)
 
-__all__ = ["DeviceReadStats", "DeviceView", "ReadProgress", "ReadSummary", "VmaReader"]
+__all__ = [
+    "DeviceReadStats",
+    "DeviceView",
+    "ReadProgress",
+    "ReadSummary",
+    "SinkMap",
+    "VmaReader",
+]
 
 _BATCH_BYTES: Final = 4 << 20
 _SKIM_BATCH_BYTES: Final = 64 << 20
@@ -70,26 +83,20 @@ _SINK_QUEUE: Final = 2
 _SINK_ITEM_BYTES: Final = 1 << 20
 """Data a sink queue item gathers from small extents before it is sent."""
 _INDEX_BATCH: Final = 4096
-_INDEX_PAGE: Final = 4096
+"""Extent headers indexed per worker-thread hop."""
+_INDEX_READ: Final = 64 << 10
+"""After a small extent the index reads this much at once: the next headers are near."""
 
+ReadProgress = Progress
+"""Deprecated name of :class:`~vma_async.Progress` (what restore and verify report)."""
 
-@dataclass(frozen=True, slots=True)
-class ReadProgress:
-    """Progress of a restore or verify, after each extent.
+SinkMap = Mapping[str, Sink] | Mapping[int, Sink] | Mapping[str | int, Sink]
+"""What :meth:`VmaReader.restore` takes: sinks keyed by device name or dev_id.
 
-    ``cluster_total`` counts whole clusters of the devices walked, as the
-    reference's percentage does, so ``clusters_read`` may pass it by one
-    partial cluster per device.
-    """
+A union rather than ``Mapping[str | int, Sink]``, whose key type is invariant:
+a plain ``dict[str, RawFileSink]`` is a ``Mapping[str, Sink]`` but not a
+``Mapping[str | int, Sink]``."""
 
-    clusters_read: int
-    cluster_total: int
-    bytes_read: int
-    sparse_bytes: int
-    elapsed: float
-
-
-ProgressCallback = Callable[[ReadProgress], object]
 _DeviceBatch = tuple[list[tuple[int, memoryview]], list[tuple[int, int]]]
 _Receiver = MemoryObjectReceiveStream[_DeviceBatch]
 
@@ -114,24 +121,44 @@ def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0] if leaves else group
 
 
+def _closed_stream_error(exc: Exception) -> SourceError:
+    """A source whose stream was closed (or broke) under the reader: an error
+    of the input, never the archive's end (that would surface later as a
+    misleading missing cluster)."""
+    return SourceError(f"read failed - the archive stream was closed while reading ({exc!r})")
+
+
+_STREAM_GONE: Final = (anyio.ClosedResourceError, anyio.BrokenResourceError)
+
+
 class VmaReader:
     """An open archive: the header is read and checked; the extent stream can
     be walked once (by :meth:`restore`, :meth:`verify` or :meth:`extents`),
     and :meth:`open_device` serves random reads of a seekable archive at any
     time.
+
+    Open it with :meth:`open` (``async with VmaReader.open(p) as reader:``, or
+    ``reader = await VmaReader.open(p)`` and later ``await reader.aclose()``).
     """
 
     def __init__(self, source: ArchiveSource, parser: ArchiveParser, header: ArchiveHeader) -> None:
+        """Wrap an already parsed header; :meth:`open` is the way to get one."""
         self._source = source
         self._parser = parser
         self._header = header
         self._walked = False
-        self._index: dict[int, _DeviceIndex] | None = None
+        self._index: _ArchiveIndex | None = None
         self._index_lock = anyio.Lock()
 
     @classmethod
-    async def open(cls, source: SourceLike | ArchiveSource) -> VmaReader:
-        """Open ``source`` (path, ``"-"``, fd, anyio byte stream) and read its header."""
+    def open(cls, source: SourceLike | ArchiveSource) -> Opening[VmaReader]:
+        """Open ``source`` (path, ``"-"``, fd, anyio byte stream, or an
+        :class:`ArchiveSource`) and read its header: await it, or use it as
+        ``async with``.  An fd is closed with the reader (see ``open_source``)."""
+        return Opening(lambda: cls._open(source))
+
+    @classmethod
+    async def _open(cls, source: SourceLike | ArchiveSource) -> VmaReader:
         src = await open_source(source)
         try:
             parser = ArchiveParser()
@@ -139,7 +166,10 @@ class VmaReader:
                 event = parser.next_event()
                 if isinstance(event, ArchiveHeader):
                     return cls(src, parser, event)
-                data = await src.read(parser.bytes_wanted)
+                try:
+                    data = await src.read(parser.bytes_wanted)
+                except _STREAM_GONE as exc:
+                    raise _closed_stream_error(exc) from exc
                 if not data:
                     parser.end_of_input()
                 parser.feed(data)
@@ -160,8 +190,11 @@ class VmaReader:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the source.  Cancelled, it still closes it (trio's
+        ``AsyncResource`` rule) and then lets the cancellation through."""
         with anyio.CancelScope(shield=True):
             await self._source.aclose()
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     @property
     def header(self) -> ArchiveHeader:
@@ -236,10 +269,13 @@ class VmaReader:
         self,
     ) -> AsyncGenerator[tuple[list[ParsedExtent], ReadSummary | None], None]:
         while True:
-            if self._source.blocking:
-                batch, summary = await anyio.to_thread.run_sync(self._pull_batch)
-            else:
-                batch, summary = await self._pull_batch_async()
+            try:
+                if self._source.blocking:
+                    batch, summary = await anyio.to_thread.run_sync(self._pull_batch)
+                else:
+                    batch, summary = await self._pull_batch_async()
+            except _STREAM_GONE as exc:
+                raise _closed_stream_error(exc) from exc
             yield batch, summary
             if summary is not None:
                 return
@@ -253,39 +289,23 @@ class VmaReader:
                 for extent in batch:
                     yield extent
 
-    def _progress_total(self, dev_ids: Sequence[int]) -> int:
-        return sum(d.size // CLUSTER_SIZE for d in self._header.devices if d.dev_id in dev_ids)
-
-    async def _report(self, progress: ProgressCallback | None, total: int, started: float) -> None:
-        if progress is None:
-            return
-        summary = self._parser.summary()
-        result = progress(
-            ReadProgress(
-                clusters_read=summary.clusters_read,
-                cluster_total=total,
-                bytes_read=summary.bytes_read,
-                sparse_bytes=summary.sparse_bytes,
-                elapsed=time.monotonic() - started,
-            )
-        )
-        if inspect.isawaitable(result):
-            await result
-
     async def verify(self, progress: ProgressCallback | None = None) -> ReadSummary:
         """Walk the whole archive with every check and no target, including the
-        missing-cluster check the reference's verify skips."""
+        missing-cluster check the reference's verify skips.
+
+        ``progress`` is called once per batch of extents (a regular file: up
+        to 64 MiB of archive; a pipe or stream: one extent) with growing totals.
+        """
         self._claim_stream()
         self._parser.keep_data = False
-        started = time.monotonic()
-        total = self._progress_total([d.dev_id for d in self._header.devices])
+        reporter = _Reporter("verify", self._parser, self._header.devices, progress)
 
         # One worker-thread hop reads and parses up to 64 MiB of a regular
         # file in sequence: a read-ahead task would only fight this thread for
         # the GIL, since skimming keeps no data (measured: 2x slower).
         async with contextlib.aclosing(self._batches()) as batches:
             async for _, summary in batches:
-                await self._report(progress, total, started)
+                await reporter.batch_done(summary is not None)
                 if summary is not None:
                     return summary
         raise AssertionError("unreachable")  # pragma: no cover
@@ -294,48 +314,53 @@ class VmaReader:
 
     async def restore(
         self,
-        sinks: Mapping[str | int, Sink],
+        sinks: SinkMap,
         *,
         write_zeroes: bool = False,
         progress: ProgressCallback | None = None,
     ) -> ReadSummary:
-        """Stream every device into its sink; close the sinks when done.
+        """Stream each device that has a sink into it; close the sinks when done.
 
-        ``sinks`` maps device name or dev_id to a sink.  Every disk with data
-        needs one (as in the reference); vmstate data with no sink is checked
-        and dropped.  Zero runs reach a disk's sink only with
-        ``write_zeroes`` (a new sparse file reads back zeros anyway) and a
-        vmstate sink always, since a stream has no holes.  On failure every
-        sink is aborted (a created file is removed) and the error is raised.
+        ``sinks`` maps device name or dev_id to a :class:`Sink`.  A device
+        without one is skipped: its data is read past, with no writes and no
+        duplicate or missing-cluster check for it (the reference's ``skip=``;
+        an application that wants every disk restored checks its own map).
+        Zero runs reach a disk's sink only with ``write_zeroes`` (a new sparse
+        file reads back zeros anyway) and a vmstate sink always, since a
+        stream has no holes.  ``progress`` is called once per batch of
+        extents with growing totals over the restored devices.  On failure
+        or cancellation every sink is aborted (a created file is removed) and
+        the error is raised.
         """
         self._claim_stream()
+        try:
+            by_id = self._sinks_by_id(sinks)
+            self._parser.skip_devices(
+                [d.dev_id for d in self._header.devices if d.dev_id not in by_id]
+            )
+            vmstate = self._header.vmstate
+            vmstate_id = vmstate.dev_id if vmstate is not None else -1
+            for dev_id, sink in by_id.items():
+                await sink.prepare(self.device(dev_id))
+            summary = await self._run_restore(by_id, write_zeroes, vmstate_id, progress)
+            for sink in by_id.values():
+                await sink.aclose()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for sink in sinks.values():
+                    with contextlib.suppress(Exception):  # the first error is the one to report
+                        await sink.abort()
+            raise
+        return summary
+
+    def _sinks_by_id(self, sinks: SinkMap) -> dict[int, Sink]:
         by_id: dict[int, Sink] = {}
         for key, sink in sinks.items():
             dev = self.device(key)
             if dev.dev_id in by_id:
                 raise ValueError(f"two sinks for device {dev.name}")
             by_id[dev.dev_id] = sink
-        self._parser.restore_targets = frozenset(by_id)
-        vmstate = self._header.vmstate
-        vmstate_id = vmstate.dev_id if vmstate is not None else -1
-        prepared: list[Sink] = []
-        try:
-            for dev_id, sink in by_id.items():
-                prepare = getattr(sink, "prepare", None)
-                prepared.append(sink)
-                if prepare is not None:
-                    await prepare(self._header.device(dev_id))
-            summary = await self._run_restore(by_id, write_zeroes, vmstate_id, progress)
-            for sink in by_id.values():
-                await sink.aclose()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                for sink in prepared:
-                    abort = getattr(sink, "abort", None)
-                    with contextlib.suppress(Exception):  # the first error is the one to report
-                        await (abort() if abort is not None else sink.aclose())
-            raise
-        return summary
+        return by_id
 
     async def _run_restore(
         self,
@@ -344,8 +369,8 @@ class VmaReader:
         vmstate_id: int,
         progress: ProgressCallback | None,
     ) -> ReadSummary:
-        started = time.monotonic()
-        total = self._progress_total(list(by_id))
+        walked = [d for d in self._header.devices if d.dev_id in by_id]
+        reporter = _Reporter("restore", self._parser, walked, progress)
         senders: dict[int, MemoryObjectSendStream[_DeviceBatch]] = {}
         summary: ReadSummary | None = None
         # Sinks fail in their own tasks, and one still inside a worker thread
@@ -370,10 +395,9 @@ class VmaReader:
                     _ClosingAll(senders.values()),
                     contextlib.aclosing(self._batches()) as batches,
                 ):
-                    async for batch, summary in batches:  # noqa: B007 - used below
+                    async for batch, summary in batches:
                         await _dispatch(batch, senders, write_zeroes, vmstate_id)
-                        for _ in batch:
-                            await self._report(progress, total, started)
+                        await reporter.batch_done(summary is not None)
         except BaseExceptionGroup as group:
             if failures:
                 raise failures[0] from None
@@ -383,12 +407,16 @@ class VmaReader:
 
     # -- random access ---------------------------------------------------------------------------
 
-    async def open_device(self, key: str | int) -> DeviceView:
+    async def open_device(self, key: str | int, *, require_complete: bool = True) -> DeviceView:
         """A read-only view of one device, for a seekable uncompressed archive.
 
-        The first call indexes every extent header (reading 512 bytes per
-        extent and seeking over the data); the index keeps 8 bytes per
-        cluster present in the archive.
+        The first call indexes every extent header with the same checks as
+        :meth:`verify` (reading the headers and seeking over the data); the
+        index keeps each device's stored and zero runs.  With
+        ``require_complete`` (the default) a device missing a cluster is
+        refused with :class:`MissingClusterError`; without it, only a read
+        that touches a missing cluster fails, and :meth:`DeviceView.block_status`
+        reports the hole.
         """
         dev = self.device(key)
         if not self._source.seekable:
@@ -396,24 +424,83 @@ class VmaReader:
         async with self._index_lock:
             if self._index is None:
                 self._index = await self._build_index()
-        return DeviceView(self._source, dev, self._index[dev.dev_id])
+        if require_complete:
+            self._index.walker.check_complete([dev.dev_id])
+        return DeviceView(self._source, dev, self._index.devices[dev.dev_id])
 
-    async def _build_index(self) -> dict[int, _DeviceIndex]:
-        header = self._header
-        vmstate = header.vmstate
-        index = {
-            d.dev_id: _DeviceIndex(d, vmstate is not None and d.dev_id == vmstate.dev_id)
-            for d in header.devices
-        }
-        offset = header.header_size
+    async def _build_index(self) -> _ArchiveIndex:
+        index = _ArchiveIndex(self._header)
         done = False
         while not done:
-            offset, done = await anyio.to_thread.run_sync(
-                _index_extents, self._source, header, index, offset
-            )
-        for device_index in index.values():
-            device_index.check_complete()
+            done = await anyio.to_thread.run_sync(index.index_batch, self._source)
+        index.finish()
         return index
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+class _Reporter:
+    """Builds one :class:`Progress` per batch from the walker's counters: no
+    work per cluster, and nothing at all without a callback."""
+
+    __slots__ = (
+        "_callback",
+        "_devices",
+        "_done",
+        "_operation",
+        "_parser",
+        "_read",
+        "_started",
+    )
+
+    def __init__(
+        self,
+        operation: str,
+        parser: ArchiveParser,
+        devices: Iterable[DeviceInfo],
+        callback: ProgressCallback | None,
+    ) -> None:
+        self._operation = operation
+        self._parser = parser
+        self._devices = {d.dev_id: d.cluster_count * CLUSTER_SIZE for d in devices}
+        self._callback = callback
+        self._done = -1
+        self._read = -1
+        self._started = time.monotonic()
+
+    async def batch_done(self, last: bool) -> None:
+        """Report after a batch that walked clusters of the reported devices
+        (an empty batch, or one of skipped disks only, would repeat the last
+        report), and at the end if the archive was read further since."""
+        if self._callback is None:
+            return
+        done = zero = 0
+        devices: list[DeviceProgress] = []
+        for stats in self._parser.device_stats():
+            total = self._devices.get(stats.dev_id)
+            if total is None:
+                continue
+            walked = stats.clusters_read * CLUSTER_SIZE
+            done += walked
+            zero += stats.zero_bytes
+            devices.append(DeviceProgress(stats.name, walked, total))
+        read = self._parser.offset
+        if done == self._done and not (last and read != self._read):
+            return
+        self._done, self._read = done, read
+        await report_progress(
+            self._callback,
+            Progress(
+                operation=self._operation,
+                done_bytes=done,
+                total_bytes=sum(self._devices.values()),
+                read_bytes=read,
+                zero_bytes=zero,
+                elapsed=time.monotonic() - self._started,
+                devices=tuple(devices),
+            ),
+        )
 
 
 # --- restore plumbing ----------------------------------------------------------------------------
@@ -422,7 +509,7 @@ class VmaReader:
 class _ClosingAll:
     """Close every send stream on the way out, so the sink tasks finish."""
 
-    def __init__(self, streams: Any) -> None:
+    def __init__(self, streams: Iterable[MemoryObjectSendStream[_DeviceBatch]]) -> None:
         self._streams = list(streams)
 
     async def __aenter__(self) -> None:
@@ -464,7 +551,6 @@ async def _dispatch(
 async def _drain_to_sink(
     sink: Sink, receive: MemoryObjectReceiveStream[_DeviceBatch], sequential: bool
 ) -> None:
-    write_many = getattr(sink, "write_many", None)
     async with receive:
         async for writes, zeroes in receive:
             if sequential:
@@ -477,11 +563,7 @@ async def _drain_to_sink(
                         await sink.write(offset, what)
                 continue
             if writes:
-                if write_many is not None:
-                    await write_many(writes)
-                else:
-                    for offset, data in writes:
-                        await sink.write(offset, data)
+                await sink.write_many(writes)
             for offset, length in zeroes:
                 await sink.write_zeroes(offset, length)
     await sink.flush()
@@ -489,105 +571,147 @@ async def _drain_to_sink(
 
 # --- random access ------------------------------------------------------------------------------
 
-_PRESENT: Final = 1 << 16
-_OFFSET_SHIFT: Final = 17
+_ZERO_RUN: Final = 0
+"""``_DeviceRuns.where`` of a zero run (no data is ever stored at archive offset 0)."""
+
+ZERO: Final = 1
+"""``block_status`` flag: the range reads as zeros (a zero cluster or 4 KiB block)."""
+MISSING: Final = 2
+"""``block_status`` flag: the archive lacks the cluster (an incomplete archive)."""
 
 
-class _DeviceIndex:
-    """Where each cluster's stored blocks sit in the archive: one 64-bit word
-    per cluster (archive offset << 17 | present << 16 | mask), in pages of
-    4096 clusters allocated on first use."""
+class _DeviceRuns:
+    """One device's runs, sorted by device offset: ``starts[i]``, ``lengths[i]``
+    and ``where[i]`` (the archive offset of the data, or 0 for zeros).  Runs
+    never overlap (the walker refuses duplicate clusters); gaps are clusters
+    the archive lacks."""
 
-    __slots__ = ("device", "is_vmstate", "pages")
+    __slots__ = ("lengths", "pending", "starts", "where")
 
-    def __init__(self, device: DeviceInfo, is_vmstate: bool) -> None:
-        self.device = device
-        self.is_vmstate = is_vmstate
-        self.pages: dict[int, array[int]] = {}
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, int, int]] = []
+        self.starts: array[int] = array("Q")
+        self.lengths: array[int] = array("Q")
+        self.where: array[int] = array("Q")
 
-    def add(self, cluster_num: int, data_offset: int, mask: int) -> None:
-        page_index, slot = divmod(cluster_num, _INDEX_PAGE)
-        page = self.pages.get(page_index)
-        if page is None:
-            page = self.pages[page_index] = array("Q", bytes(8 * _INDEX_PAGE))
-        if page[slot]:
-            raise DuplicateClusterError(
-                f"found duplicated cluster {cluster_num} for stream {self.device.name}"
-            )
-        page[slot] = data_offset << _OFFSET_SHIFT | _PRESENT | mask
+    def add(self, start: int, length: int, where: int) -> None:
+        pending = self.pending
+        if pending:
+            last_start, last_length, last_where = pending[-1]
+            if last_start + last_length == start and (
+                (where == last_where == _ZERO_RUN)
+                or (where and last_where and last_where + last_length == where)
+            ):
+                pending[-1] = (last_start, last_length + length, last_where)
+                return
+        pending.append((start, length, where))
 
-    def get(self, cluster_num: int) -> int:
-        page = self.pages.get(cluster_num // _INDEX_PAGE)
-        return page[cluster_num % _INDEX_PAGE] if page is not None else 0
+    def finish(self) -> None:
+        """Sort (producers interleave clusters), merge neighbours, pack into arrays."""
+        runs, self.pending = sorted(self.pending), []
+        merged: list[tuple[int, int, int]] = []
+        for start, length, where in runs:
+            if merged:
+                last_start, last_length, last_where = merged[-1]
+                if last_start + last_length == start and (
+                    (where == last_where == _ZERO_RUN)
+                    or (where and last_where and last_where + last_length == where)
+                ):
+                    merged[-1] = (last_start, last_length + length, last_where)
+                    continue
+            merged.append((start, length, where))
+        self.starts = array("Q", [r[0] for r in merged])
+        self.lengths = array("Q", [r[1] for r in merged])
+        self.where = array("Q", [r[2] for r in merged])
 
-    def check_complete(self) -> None:
-        if self.is_vmstate:
-            return
-        for cluster_num in range(self.device.cluster_count):
-            if cluster_num % _INDEX_PAGE == 0 and cluster_num // _INDEX_PAGE not in self.pages:
-                break
-            if not self.get(cluster_num):
-                break
-        else:
-            return
-        raise MissingClusterError(
-            f"detected missing cluster {cluster_num} for stream {self.device.name}"
-        )
+    def pieces(self, offset: int, end: int) -> list[tuple[int, int, int]]:
+        """``(device offset, length, where)`` covering ``[offset, end)`` in order,
+        ``where`` -1 for a gap (missing clusters)."""
+        starts, lengths, where = self.starts, self.lengths, self.where
+        count = len(starts)
+        i = max(bisect_right(starts, offset) - 1, 0)
+        out: list[tuple[int, int, int]] = []
+        pos = offset
+        while pos < end:
+            while i < count and starts[i] + lengths[i] <= pos:
+                i += 1
+            if i >= count or starts[i] > pos:
+                stop = min(end, starts[i]) if i < count else end
+                out.append((pos, stop - pos, -1))
+                pos = stop
+                continue
+            stop = min(end, starts[i] + lengths[i])
+            data = where[i]
+            out.append((pos, stop - pos, data + (pos - starts[i]) if data else _ZERO_RUN))
+            pos = stop
+        return out
 
 
-def _index_extents(
-    source: ArchiveSource, header: ArchiveHeader, index: dict[int, _DeviceIndex], offset: int
-) -> tuple[int, bool]:
-    """Index up to a batch of extents starting at ``offset``, blocking."""
-    archive_size = source.archive_size()
-    uuid_bytes = header.uuid.bytes
-    for _ in range(_INDEX_BATCH):
-        if offset >= archive_size:
-            return offset, True
-        if archive_size - offset < EXTENT_HEADER_SIZE:
-            raise TruncatedArchiveError(f"read short extent ({archive_size - offset} bytes)")
-        block_count, blockinfo = decode_extent_blockinfo(
-            source.pread(offset, EXTENT_HEADER_SIZE), uuid_bytes
-        )
-        extent_size = EXTENT_HEADER_SIZE + block_count * BLOCK_SIZE
-        end = offset + extent_size
-        if end > archive_size:
-            raise TruncatedArchiveError(
-                f"short vma extent ({archive_size - offset} < {extent_size})"
-            )
-        data_offset = offset + EXTENT_HEADER_SIZE
-        stored = 0
-        for word in blockinfo:
-            dev_id = (word >> 32) & 0xFF
-            cluster_num = word & 0xFFFFFFFF
-            mask = word >> 48
-            device_index = index.get(dev_id)
-            if device_index is None:
-                raise UnknownDeviceError(f"got wrong dev id {dev_id} (not defined in the header)")
-            cluster_count = device_index.device.cluster_count
-            if not device_index.is_vmstate and cluster_num >= cluster_count:
-                raise BlockBeyondEndError(
-                    f"got wrong block address - cluster {cluster_num} is past the end "
-                    f"of stream {device_index.device.name} "
-                    f"({cluster_count} clusters)"
-                )
-            device_index.add(cluster_num, data_offset + stored * BLOCK_SIZE, mask)
-            stored += mask.bit_count()
-        if stored > block_count:
-            raise ExtentBlockCountError("short vma extent - too many blocks")
-        if stored < block_count:
-            raise ExtentBlockCountError("vma extent error - missing blocks")
-        offset = end
-    return offset, False
+class _ArchiveIndex:
+    """The open_device index: the extent walker over every extent header,
+    and each device's runs with their archive offsets."""
+
+    def __init__(self, header: ArchiveHeader) -> None:
+        vmstate = header.vmstate
+        self.walker = ExtentWalker(header.devices, vmstate.dev_id if vmstate else None)
+        self.devices = {d.dev_id: _DeviceRuns() for d in header.devices}
+        self._uuid = header.uuid.bytes
+        self._offset = header.header_size
+        self._buffer = b""
+        self._buffer_offset = 0
+        self._small = True  # the last extent was small: read ahead for the next header
+
+    def _extent_header(self, source: ArchiveSource, archive_size: int) -> bytes:
+        offset = self._offset
+        inside = offset - self._buffer_offset
+        if inside >= 0 and inside + EXTENT_HEADER_SIZE <= len(self._buffer):
+            return self._buffer[inside : inside + EXTENT_HEADER_SIZE]
+        size = _INDEX_READ if self._small else EXTENT_HEADER_SIZE
+        self._buffer = source.pread(offset, min(size, archive_size - offset))
+        self._buffer_offset = offset
+        return self._buffer[:EXTENT_HEADER_SIZE]
+
+    def index_batch(self, source: ArchiveSource) -> bool:
+        """Index up to a batch of extents, blocking (a worker thread); True at the end."""
+        archive_size = source.archive_size()
+        walk = self.walker.walk
+        devices = self.devices
+        for _ in range(_INDEX_BATCH):
+            offset = self._offset
+            if offset >= archive_size:
+                return True
+            if archive_size - offset < EXTENT_HEADER_SIZE:
+                raise short_extent_header_error(archive_size - offset)
+            raw = self._extent_header(source, archive_size)
+            block_count, blockinfo = decode_extent_blockinfo(raw, self._uuid)
+            data_size = block_count * BLOCK_SIZE
+            end = offset + EXTENT_HEADER_SIZE + data_size
+            if end > archive_size:
+                raise short_extent_error(archive_size - offset, EXTENT_HEADER_SIZE + data_size)
+            runs, zeroes = walk(data_size, blockinfo)
+            data_offset = offset + EXTENT_HEADER_SIZE
+            for dev_id, dev_off, pos, length in runs:
+                devices[dev_id].add(dev_off, length, data_offset + pos)
+            for dev_id, dev_off, length in zeroes:
+                devices[dev_id].add(dev_off, length, _ZERO_RUN)
+            self._small = data_size < _INDEX_READ
+            self._offset = end
+        return False
+
+    def finish(self) -> None:
+        self._buffer = b""
+        for runs in self.devices.values():
+            runs.finish()
 
 
 class DeviceView:
-    """Read-only random access to one device of a seekable archive."""
+    """Read-only random access to one device of a seekable archive, from
+    :meth:`VmaReader.open_device`."""
 
-    def __init__(self, source: ArchiveSource, device: DeviceInfo, index: _DeviceIndex) -> None:
+    def __init__(self, source: ArchiveSource, device: DeviceInfo, runs: _DeviceRuns) -> None:
         self._source = source
         self._device = device
-        self._index = index
+        self._runs = runs
 
     @property
     def size(self) -> int:
@@ -597,52 +721,54 @@ class DeviceView:
     def name(self) -> str:
         return self._device.name
 
+    def _clip(self, offset: int, size: int) -> int:
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        return max(0, min(size, self._device.size - offset))
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, flags)`` runs covering ``[offset, offset + length)``
+        clipped at the device size, adjacent runs of equal flags merged:
+        flags 1 reads as zero (a zero cluster or 4 KiB block), 0 is data, 2 is
+        missing from the archive.  No I/O: the index answers."""
+        length = self._clip(offset, length)
+        out: list[tuple[int, int]] = []
+        for _, size, where in self._runs.pieces(offset, offset + length):
+            flags = MISSING if where < 0 else ZERO if where == _ZERO_RUN else 0
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + size, flags)
+            else:
+                out.append((size, flags))
+        return out
+
     def _plan(self, offset: int, size: int) -> list[tuple[int, int, int]]:
         """``(archive offset, length, result offset)`` reads, merged when adjacent."""
         reads: list[tuple[int, int, int]] = []
-        end = offset + size
-        first = offset // CLUSTER_SIZE
-        last = math.ceil(end / CLUSTER_SIZE)
-        for cluster_num in range(first, last):
-            word = self._index.get(cluster_num)
-            if not word:
-                raise MissingClusterError(
-                    f"detected missing cluster {cluster_num} for stream {self._device.name}"
-                )
-            mask = word & 0xFFFF
-            data_offset = word >> _OFFSET_SHIFT
-            base = cluster_num * CLUSTER_SIZE
-            stored_before = 0
-            for first_block, block_count, is_stored in mask_runs(mask):
-                if not is_stored:
-                    continue
-                run_start = base + first_block * BLOCK_SIZE
-                run_end = run_start + block_count * BLOCK_SIZE
-                lo, hi = max(run_start, offset), min(run_end, end)
-                if lo < hi:
-                    archive_offset = data_offset + stored_before * BLOCK_SIZE + (lo - run_start)
-                    if (
-                        reads
-                        and reads[-1][0] + reads[-1][1] == archive_offset
-                        and (reads[-1][2] + reads[-1][1] == lo - offset)
-                    ):
-                        prev = reads.pop()
-                        reads.append((prev[0], prev[1] + hi - lo, prev[2]))
-                    else:
-                        reads.append((archive_offset, hi - lo, lo - offset))
-                stored_before += block_count
+        for start, length, where in self._runs.pieces(offset, offset + size):
+            if where < 0:
+                raise missing_cluster_error(start // CLUSTER_SIZE, self._device.name)
+            if where == _ZERO_RUN:
+                continue
+            at = start - offset
+            if reads and reads[-1][0] + reads[-1][1] == where and reads[-1][2] + reads[-1][1] == at:
+                prev = reads.pop()
+                reads.append((prev[0], prev[1] + length, prev[2]))
+            else:
+                reads.append((where, length, at))
         return reads
 
     async def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` (fewer at the device's end); reads only
-        the stored blocks that overlap the range."""
-        if offset < 0 or size < 0:
-            raise ValueError("offset and size must not be negative")
-        size = max(0, min(size, self._device.size - offset))
+        the stored blocks that overlap the range.  A missing cluster (an
+        incomplete archive opened with ``require_complete=False``) raises
+        :class:`MissingClusterError`."""
+        size = self._clip(offset, size)
         if not size:
             return b""
         reads = self._plan(offset, size)
         result = bytearray(size)
+        if not reads:
+            return bytes(result)
         source = self._source
 
         def fetch() -> None:

@@ -1,20 +1,35 @@
-"""Where restored devices go: the :class:`Sink` protocol and the sinks we ship.
+"""Where restored devices go: the :class:`Sink` interface and the sinks we ship.
 
-A sink needs four coroutines (``write``, ``write_zeroes``, ``flush``,
-``aclose``).  The reader also uses three optional hooks when a sink has them:
+Goal: one explicit interface that :meth:`VmaReader.restore` calls directly,
+so a new sink (NBD, object storage, a throttling wrapper) knows exactly what
+it must and may provide.
 
-* ``prepare(device)``: called once before any data, with the header's
+Plan: a sink must implement ``write(offset, data)`` and ``aclose()``; the
+reader also calls these hooks, whose defaults are right for a simple sink:
+
+* ``prepare(device)``: once before any data, with the header's
   :class:`DeviceInfo`, so a sink can create or check its target with the
-  device's real size and name;
+  device's real size and name (default: nothing);
 * ``write_many(writes)``: a queue item's writes for the device at once (one
   extent's, or several small extents' up to about 1 MiB of data), so a file
   sink pays one worker-thread hop (about 0.2 ms) per item instead of one per
-  run, and can merge runs that are contiguous on disk into one ``pwritev``;
-* ``abort()``: the restore failed; a sink that created a file removes it,
-  so nothing is left behind.
+  run, and can merge runs that are contiguous on disk into one ``pwritev``
+  (default: ``write`` each);
+* ``write_zeroes(offset, length)``: a run the archive records as zero, only
+  when the restore asks for zeroes, and always for vmstate (default: zero
+  chunks of at most 1 MiB through ``write``);
+* ``flush()``: after the last data (default: nothing);
+* ``abort()``: the restore failed or was cancelled; a sink that created a
+  file removes it, so nothing is left behind (default: ``aclose``).
 
 Writes to regular files and block devices run in a worker thread; a
 :class:`SequentialSink` on a pipe writes non-blocking and waits for the loop.
+An fd handed to a sink is closed by it when it closes unless ``closefd=False``
+(as ``open(fd)`` does); paths are always the sink's own.
+
+Worst case: a sink that finds its target existing raises
+:class:`SinkExistsError`, never overwrites it; every other failure is a
+:class:`SinkError` naming the device.
 """
 
 from __future__ import annotations
@@ -23,13 +38,14 @@ import errno
 import fcntl
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol, runtime_checkable
+from typing import Final
 
 import anyio
 import anyio.to_thread
 
-from ._errors import DeviceSizeError, SinkError, TargetExistsError
+from ._errors import DeviceSizeError, SinkError, SinkExistsError
 from ._fdio import (
     ZERO_CHUNK,
     Buffer,
@@ -43,6 +59,7 @@ from ._fdio import (
 from ._format import DeviceInfo
 
 __all__ = [
+    "Buffer",
     "CallbackSink",
     "ExistingFileSink",
     "RawFileSink",
@@ -55,45 +72,62 @@ SIZE_TOLERANCE: Final = 4 << 20
 """An existing target may be this much larger than the device (reference rule)."""
 
 
-@runtime_checkable
-class Sink(Protocol):
-    """Where one device's restored bytes go (see the module docstring for the
-    optional ``prepare``, ``write_many`` and ``abort`` hooks)."""
+class Sink(ABC):
+    """Where one device's restored bytes go (see the module docstring for
+    what the reader calls, and when)."""
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None: ...
+    @abstractmethod
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Store ``data`` at device byte ``offset``; ``data`` stays valid as
+        long as the sink holds it (the reader never reuses a buffer)."""
 
-    async def write_zeroes(self, offset: int, length: int) -> None: ...
+    @abstractmethod
+    async def aclose(self) -> None:
+        """The restore succeeded: release the target (idempotent)."""
 
-    async def flush(self) -> None: ...
+    async def prepare(self, device: DeviceInfo) -> None:  # noqa: B027 - optional hook
+        """Called once before any data, with the device this sink restores."""
 
-    async def aclose(self) -> None: ...
+    async def write_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
+        """Several ``(offset, data)`` writes in device-offset order."""
+        for offset, data in writes:
+            await self.write(offset, data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros."""
+        end = offset + length
+        while offset < end:
+            step = min(ZERO_CHUNK, end - offset)
+            await self.write(offset, zero_view(step))
+            offset += step
+
+    async def flush(self) -> None:  # noqa: B027 - optional hook
+        """After the last write: make the data durable where that means something."""
+
+    async def abort(self) -> None:
+        """The restore failed: release the target and undo what the sink created."""
+        await self.aclose()
 
 
-# --- file sinks -------------------------------------------------------------------------------
+# --- sinks on a file descriptor ------------------------------------------------------------------
 
 
-class _FileSink:
-    """Shared body of the two random-access file sinks: ``target`` is a path or
-    an fd the sink takes over (it is closed by :meth:`aclose`).  The target is
-    opened on first use, in a worker thread, or by ``prepare``.
-
-    ``flush`` makes the data durable with ``fsync`` (the reference's
-    ``blk_flush``) unless ``sync=False`` (a scratch restore, or a caller that
-    syncs the whole file system itself).
-    """
+class _FdSink(Sink):
+    """Shared body of the sinks that write to one fd: ``target`` is a path or
+    an fd (closed by :meth:`aclose` unless ``closefd=False``).  The target is
+    opened on first use, or by ``prepare``, in a worker thread; a path a
+    subclass creates is removed again by :meth:`abort`."""
 
     def __init__(
         self,
         target: str | os.PathLike[str] | int,
-        size: int,
         *,
         name: str | None = None,
-        sync: bool = True,
+        closefd: bool = True,
     ) -> None:
         self._target = target
-        self.size = size
-        self._sync = sync
         self._fd = target if isinstance(target, int) else -1
+        self._owns_fd = closefd or not isinstance(target, int)
         self._opened = False
         self._closed = False
         self._created = False
@@ -102,7 +136,21 @@ class _FileSink:
         self._name = name
 
     def _open_blocking(self) -> None:
+        """Open (or check) the target: set ``_fd`` from a path, inspect an fd."""
         raise NotImplementedError
+
+    def _create_blocking(self) -> None:
+        """Create the target path (never an existing file), or keep the given fd."""
+        if isinstance(self._target, int):
+            return
+        path = os.fspath(self._target)
+        try:
+            self._fd = create_exclusive(None, path)
+        except FileExistsError as exc:
+            raise SinkExistsError(f"can't create file {path} - file exists") from exc
+        except OSError as exc:
+            raise SinkError(f"can't create file {path} - {exc.strerror}") from exc
+        self._created = True
 
     async def prepare(self, device: DeviceInfo) -> None:
         """Open (and check) the target before the first data, named after ``device``."""
@@ -116,6 +164,52 @@ class _FileSink:
             await anyio.to_thread.run_sync(self._open_blocking)
             self._opened = True
         return self._fd
+
+    def _release(self) -> None:
+        """Give the fd back (subclasses undo their fd changes first)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self._owns_fd:
+            os.close(fd)
+
+    async def _fsync(self, fd: int, what: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(os.fsync, fd)
+        except OSError as exc:
+            raise SinkError(f"{what} failed - {exc.strerror}") from exc
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._release()
+
+    async def abort(self) -> None:
+        """Close, and remove the file if this sink created it."""
+        await self.aclose()
+        if self._created:
+            self._created = False
+            assert not isinstance(self._target, int)  # only a path is ever created
+            remove_created(None, self._target)
+
+
+class _FileSink(_FdSink):
+    """Shared body of the two random-access file sinks.
+
+    ``flush`` makes the data durable with ``fsync`` (the reference's
+    ``blk_flush``) unless ``sync=False`` (a scratch restore, or a caller that
+    syncs the whole file system itself).
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | int,
+        size: int,
+        *,
+        name: str | None = None,
+        sync: bool = True,
+        closefd: bool = True,
+    ) -> None:
+        super().__init__(target, name=name, closefd=closefd)
+        self.size = size
+        self._sync = sync
 
     def _fail(self, exc: OSError) -> SinkError:
         return SinkError(f"write to {self._name} failed - {exc.strerror}")
@@ -136,7 +230,7 @@ class _FileSink:
         except OSError as exc:
             raise self._fail(exc) from exc
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, offset: int, data: Buffer) -> None:
         fd = await self._ensure_open()
         await anyio.to_thread.run_sync(self._write_many_blocking, fd, [(offset, data)])
 
@@ -153,47 +247,22 @@ class _FileSink:
 
     async def flush(self) -> None:
         fd = await self._ensure_open()
-        if not self._sync:
-            return
-        try:
-            await anyio.to_thread.run_sync(os.fsync, fd)
-        except OSError as exc:
-            raise SinkError(f"vma blk_flush {self._name} failed - {exc.strerror}") from exc
-
-    async def aclose(self) -> None:
-        self._closed = True
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    async def abort(self) -> None:
-        """Close, and remove the file if this sink created it."""
-        await self.aclose()
-        if self._created:
-            self._created = False
-            _remove(self._target)
+        if self._sync:
+            await self._fsync(fd, f"vma blk_flush {self._name}")
 
 
 class RawFileSink(_FileSink):
     """A new sparse raw image of ``size`` bytes.
 
-    A path is created with ``O_EXCL`` (an existing file is never overwritten);
-    an fd (taken over) is expected to be a new, empty file.  The file is
-    truncated to exactly ``size``, so blocks the archive records as zero stay
-    holes unless the restore asks for ``write_zeroes``.  :meth:`abort` removes
-    a file this sink created.
+    A path is created exclusively (an existing file is never overwritten:
+    :class:`SinkExistsError`); an fd is expected to be a new, empty file.
+    The file is truncated to exactly ``size``, so blocks the archive records
+    as zero stay holes unless the restore asks for ``write_zeroes``.
+    :meth:`abort` removes a file this sink created.
     """
 
     def _open_blocking(self) -> None:
-        if not isinstance(self._target, int):
-            path = os.fspath(self._target)
-            try:
-                self._fd = create_exclusive(None, path)
-            except FileExistsError as exc:
-                raise TargetExistsError(f"can't create file {path} - file exists") from exc
-            except OSError as exc:
-                raise SinkError(f"can't create file {path} - {exc.strerror}") from exc
-            self._created = True
+        self._create_blocking()
         try:
             os.ftruncate(self._fd, self.size)
         except OSError as exc:
@@ -235,22 +304,15 @@ class ExistingFileSink(_FileSink):
             )
 
 
-# --- sequential sink -----------------------------------------------------------------------------
-
-
-class SequentialSink:
-    """A forward-only target for the vmstate stream: a new file (``O_EXCL``), or
-    an fd the sink takes over (a pipe is written non-blocking).  Offsets must
-    follow each other exactly; anything else is an error, since a stream
-    cannot seek.
+class SequentialSink(_FdSink):
+    """A forward-only target for the vmstate stream: a new file (created
+    exclusively), or an fd (a pipe is written non-blocking, and its flags are
+    restored on close).  Offsets must follow each other exactly; anything
+    else is an error, since a stream cannot seek.
     """
 
-    def __init__(self, target: str | os.PathLike[str] | int) -> None:
-        self._target = target
-        self._fd = target if isinstance(target, int) else -1
-        self._opened = False
-        self._closed = False
-        self._created = False
+    def __init__(self, target: str | os.PathLike[str] | int, *, closefd: bool = True) -> None:
+        super().__init__(target, name="vmstate", closefd=closefd)
         self._is_pipe = False
         self._flags: int | None = None
         self._next = 0
@@ -262,27 +324,13 @@ class SequentialSink:
     async def prepare(self, device: DeviceInfo) -> None:
         await self._ensure_open()
 
-    async def _ensure_open(self) -> int:
-        if self._opened:
-            return self._fd
-        if self._closed:
-            raise SinkError("vmstate sink is closed")
-        if not isinstance(self._target, int):
-            path = os.fspath(self._target)
-            try:
-                self._fd = await anyio.to_thread.run_sync(create_exclusive, None, path)
-            except FileExistsError as exc:
-                raise TargetExistsError(f"can't create file {path} - file exists") from exc
-            except OSError as exc:
-                raise SinkError(f"can't create file {path} - {exc.strerror}") from exc
-            self._created = True
+    def _open_blocking(self) -> None:
+        self._create_blocking()
         mode = os.fstat(self._fd).st_mode
         self._is_pipe = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
         if self._is_pipe:
             self._flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags | os.O_NONBLOCK)
-        self._opened = True
-        return self._fd
 
     async def _append(self, data: Buffer) -> None:
         fd = await self._ensure_open()
@@ -308,7 +356,7 @@ class SequentialSink:
                 f"write vmstate failed - offset {offset} is not the next one ({self._next})"
             )
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, offset: int, data: Buffer) -> None:
         self._check_offset(offset)
         await self._append(data)
 
@@ -322,40 +370,21 @@ class SequentialSink:
     async def flush(self) -> None:
         fd = await self._ensure_open()
         if not self._is_pipe:
-            try:
-                await anyio.to_thread.run_sync(os.fsync, fd)
-            except OSError as exc:
-                raise SinkError(f"write vmstate failed - {exc.strerror}") from exc
+            await self._fsync(fd, "write vmstate")
 
-    async def aclose(self) -> None:
-        self._closed = True
-        fd, self._fd = self._fd, -1
-        if fd < 0:
-            return
+    def _release(self) -> None:
+        flags, self._flags = self._flags, None
         try:
-            if self._flags is not None:
-                fcntl.fcntl(fd, fcntl.F_SETFL, self._flags)
+            if flags is not None and self._fd >= 0:
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
         finally:
-            os.close(fd)
-
-    async def abort(self) -> None:
-        """Close, and remove the file if this sink created it."""
-        await self.aclose()
-        if self._created:
-            self._created = False
-            _remove(self._target)
-
-
-def _remove(target: str | os.PathLike[str] | int) -> None:
-    """Undo a sink's exclusive create (only a path is ever created)."""
-    if not isinstance(target, int):
-        remove_created(None, target)
+            super()._release()
 
 
 # --- callback sink ------------------------------------------------------------------------------
 
 
-class CallbackSink:
+class CallbackSink(Sink):
     """Adapts ``async def write(offset, data)`` into a sink.
 
     Zero runs go to ``zeroes(offset, length)`` when given, else to ``write`` as
@@ -376,18 +405,14 @@ class CallbackSink:
         self._flush = flush
         self._close = close
 
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, offset: int, data: Buffer) -> None:
         await self._write(offset, memoryview(data))
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         if self._zeroes is not None:
             await self._zeroes(offset, length)
-            return
-        end = offset + length
-        while offset < end:
-            step = min(ZERO_CHUNK, end - offset)
-            await self._write(offset, zero_view(step))
-            offset += step
+        else:
+            await super().write_zeroes(offset, length)
 
     async def flush(self) -> None:
         if self._flush is not None:

@@ -1,0 +1,147 @@
+"""One extent walker for streaming (verify, restore) and random access
+(open_device): the same archive gets the same verdict and the same message
+from both (issue 8 defect 1), under asyncio, uvloop and trio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import vma_builder as vb
+
+from vma_async import (
+    BlockBeyondEndError,
+    DuplicateClusterError,
+    ExtentBlockCountError,
+    FormatError,
+    MissingClusterError,
+    RawFileSink,
+    SequentialSink,
+    UnknownDeviceError,
+    VmaReader,
+    VmstateOrderError,
+)
+from vma_async._walker import ExtentWalker, split_blockinfo
+
+pytestmark = pytest.mark.anyio
+
+BLOCK = vb.BLOCK
+CLUSTER = vb.CLUSTER
+
+
+def blocks(count: int, seed: int = 1) -> list[bytes]:
+    return [bytes([seed + i]) * BLOCK for i in range(count)]
+
+
+def archive(size: int, *entries: vb.Entry, vmstate: bool = False) -> bytes:
+    name = "vmstate" if vmstate else "disk0"
+    return vb.header({1: (name, size)}) + vb.extent(list(entries))
+
+
+# A 2-cluster + 8 KiB disk: its last cluster holds blocks 0 and 1, and block 2
+# starts exactly at the device's end.
+SIZE = 2 * CLUSTER + 2 * BLOCK
+FIRST_TWO = [vb.Entry(1, 0, 0xFFFF, blocks(16)), vb.Entry(1, 1, 0)]
+
+CASES = {
+    "stored block at the device end": (
+        archive(SIZE, *FIRST_TWO, vb.Entry(1, 2, 0b111, blocks(3))),
+        BlockBeyondEndError,
+        "got wrong block address - write beyond end",
+    ),
+    "full cluster across the device end": (
+        archive(SIZE, *FIRST_TWO, vb.Entry(1, 2, 0xFFFF, blocks(16))),
+        BlockBeyondEndError,
+        "got wrong block address - write beyond end",
+    ),
+    "cluster past the end": (
+        archive(SIZE, *FIRST_TWO, vb.Entry(1, 3, 0)),
+        BlockBeyondEndError,
+        "got wrong block address - cluster 3 is past the end of stream disk0 (3 clusters)",
+    ),
+    "unknown dev id": (
+        archive(SIZE, *FIRST_TWO, vb.Entry(7, 2, 0)),
+        UnknownDeviceError,
+        "got wrong dev id 7 (not defined in the header)",
+    ),
+    "duplicate cluster": (
+        archive(SIZE, *FIRST_TWO, vb.Entry(1, 1, 0)),
+        DuplicateClusterError,
+        "found duplicated cluster 1 for stream disk0",
+    ),
+    "missing cluster": (
+        archive(SIZE, *FIRST_TWO),
+        MissingClusterError,
+        "detected missing cluster 2 for stream disk0",
+    ),
+    "too many blocks": (
+        archive(SIZE, *FIRST_TWO, vb.Entry(1, 2, 0b11, blocks(1))),
+        ExtentBlockCountError,
+        "short vma extent - too many blocks",
+    ),
+    "missing blocks": (
+        vb.header({1: ("disk0", SIZE)})
+        + vb.extent([*FIRST_TWO, vb.Entry(1, 2, 0b1, blocks(1))], block_count=19)
+        + bytes(2 * BLOCK),
+        ExtentBlockCountError,
+        "vma extent error - missing blocks",
+    ),
+    "vmstate out of order": (
+        archive(3 * CLUSTER, vb.Entry(1, 0, 0), vb.Entry(1, 2, 0), vmstate=True),
+        VmstateOrderError,
+        "found out of order vmstate data",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_verify_restore_and_open_device_agree(tmp_path: Path, case: str) -> None:
+    data, error, message = CASES[case]
+    path = tmp_path / "a.vma"
+    path.write_bytes(data)
+    async with VmaReader.open(path) as reader:
+        with pytest.raises(error) as info:
+            await reader.verify()
+        assert str(info.value) == message
+    out = tmp_path / "out"
+    async with VmaReader.open(path) as reader:
+        sink = SequentialSink(out) if case.startswith("vmstate") else RawFileSink(out, SIZE)
+        with pytest.raises(error) as info:
+            await reader.restore({1: sink})
+        assert str(info.value) == message
+    assert not out.exists()
+    async with VmaReader.open(path) as reader:
+        with pytest.raises(error) as info:
+            await reader.open_device(1)
+        assert str(info.value) == message
+
+
+async def test_the_good_twin_is_accepted_by_both(tmp_path: Path) -> None:
+    """The same disk with its last cluster stored correctly (blocks 0 and 1)."""
+    path = tmp_path / "a.vma"
+    path.write_bytes(archive(SIZE, *FIRST_TWO, vb.Entry(1, 2, 0b11, blocks(2, 50))))
+    image = b"".join(blocks(16)) + bytes(CLUSTER) + b"".join(blocks(2, 50))
+    async with VmaReader.open(path) as reader:
+        await reader.verify()
+    async with VmaReader.open(path) as reader:
+        view = await reader.open_device("disk0")
+        assert await view.read(0, SIZE) == image
+        assert view.block_status(0, SIZE) == [(CLUSTER, 0), (CLUSTER, 1), (2 * BLOCK, 0)]
+
+
+def test_split_blockinfo_is_the_word_layout() -> None:
+    word = 0xBEEF << 48 | 0xAB << 40 | 0x07 << 32 | 0x12345678
+    assert split_blockinfo([word]) == [(0x07, 0x12345678, 0xBEEF)]
+
+
+def test_walker_runs_are_clipped_and_merged() -> None:
+    from vma_async import DeviceInfo
+
+    walker = ExtentWalker([DeviceInfo(1, "disk0", SIZE)], None)
+    words = [0xFFFF << 48 | 1 << 32 | 0, 0 << 48 | 1 << 32 | 1, 0b11 << 48 | 1 << 32 | 2]
+    runs, zeroes = walker.walk(18 * BLOCK, words)
+    assert runs == [[1, 0, 0, CLUSTER], [1, 2 * CLUSTER, CLUSTER, 2 * BLOCK]]
+    assert zeroes == [[1, CLUSTER, CLUSTER]]  # the tail past the end is not a zero run
+    walker.check_complete()
+    with pytest.raises(FormatError, match="found duplicated cluster 1 for stream disk0"):
+        walker.walk(0, [1 << 32 | 1])

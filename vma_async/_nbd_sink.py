@@ -79,7 +79,7 @@ class NbdSink(Sink):
                 self.path, self.format, read_only=False, cache=self._cache, discard=True
             )
         except QemuError as exc:
-            raise SinkError(f"can't open file {self.path} - {exc}") from exc
+            raise SinkError(str(exc)) from exc
         actual = self._image.size
         if not 0 <= actual - device.size <= SIZE_TOLERANCE:
             raise DeviceSizeError(
@@ -111,7 +111,7 @@ class NbdSink(Sink):
         try:
             await image.client.write(offset, data)
         except NbdError as exc:
-            raise SinkError(image.failure("write to", exc)) from exc
+            raise SinkError(await image.failure("write to", exc)) from exc
 
     async def write_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
         """Contiguous runs of the batch go out as one request each."""
@@ -132,14 +132,14 @@ class NbdSink(Sink):
         try:
             await image.client.write_zeroes(offset, length)
         except NbdError as exc:
-            raise SinkError(image.failure("write zeroes to", exc)) from exc
+            raise SinkError(await image.failure("write zeroes to", exc)) from exc
 
     async def flush(self) -> None:
         image = self._ready()
         try:
             await image.client.flush()
         except NbdError as exc:
-            raise SinkError(image.failure("vma blk_flush", exc)) from exc
+            raise SinkError(await image.failure("vma blk_flush", exc)) from exc
 
     async def aclose(self) -> None:
         """Disconnect and let qemu-nbd close the image; its failure is an error."""

@@ -312,7 +312,7 @@ class QemuNbdServer:
                         if await self._greeted(stream):
                             return stream
                 if self._process.returncode is not None:
-                    raise QemuError(f"cannot open {self.path} - {self.describe_exit()}")
+                    raise QemuError(f"can't open file {self.path} - {self.describe_exit()}")
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.05)
         raise QemuError(f"qemu-nbd did not start serving {self.path} within {START_TIMEOUT:g} s")
@@ -359,6 +359,10 @@ class QemuNbdServer:
                     await process.wait()
             await process.aclose()
         return process.returncode
+
+    async def wait(self) -> int:
+        """Wait for qemu-nbd to exit by itself; its exit status."""
+        return await self._process.wait()
 
     def remove_directory(self) -> None:
         """Forget qemu-nbd's last words and remove its private directory."""
@@ -410,7 +414,7 @@ class QemuImage:
                     server.remove_directory()
                 if isinstance(exc, Exception) and not isinstance(exc, QemuError):
                     raise QemuError(
-                        f"cannot open {server.path} through qemu-nbd - {exc} ({detail})"
+                        f"can't open file {server.path} through qemu-nbd - {exc} ({detail})"
                     ) from exc
                 raise
             return cls(server, client, fmt)
@@ -442,7 +446,7 @@ class QemuImage:
         except NbdCommandError:
             return [(offset, end)]
         except NbdError as exc:
-            raise QemuError(self.failure("block status of", exc)) from exc
+            raise QemuError(await self.failure("block status of", exc)) from exc
         if pos < end:  # a short answer: read the rest
             runs.append((pos, end))
         return runs
@@ -468,13 +472,20 @@ class QemuImage:
                 ):
                     has_data[index] = True
         except NbdError as exc:
-            raise QemuError(self.failure("read from", exc)) from exc
+            raise QemuError(await self.failure("read from", exc)) from exc
         return buf, has_data
 
-    def failure(self, what: str, exc: BaseException) -> str:
-        """A message for a failed request that says what qemu-nbd did."""
-        status = self._server.returncode
-        if status is None:
+    async def failure(self, what: str, exc: BaseException) -> str:
+        """A message for a failed request that says what qemu-nbd did.
+
+        An error reply (a full disk, say) leaves qemu-nbd running; a broken
+        connection means it died or is dying, so its exit is awaited briefly
+        to report how it ended."""
+        if isinstance(exc, NbdCommandError):
+            return f"{what} {self.path} failed - {os.strerror(exc.errno)} ({exc})"
+        with anyio.move_on_after(STOP_GRACE):
+            await self._server.wait()
+        if self._server.returncode is None:
             return f"{what} {self.path} failed - {exc}"
         return f"{what} {self.path} failed - {exc} ({self._server.describe_exit()})"
 
@@ -494,7 +505,8 @@ class QemuImage:
                 status = await self._server.stop(graceful=disconnect_error is None)
                 detail = self._server.describe_exit()
             if disconnect_error is not None:
-                raise QemuError(self.failure("closing", disconnect_error)) from disconnect_error
+                message = f"closing {self.path} failed - {disconnect_error} ({detail})"
+                raise QemuError(message) from disconnect_error
             if status != 0:
                 raise QemuError(f"closing {self.path} failed - {detail}")
         finally:

@@ -51,7 +51,7 @@ from ._errors import (
 from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
 from ._nbd_sink import NbdSink
 from ._parser import ReadSummary
-from ._qemu import check_format
+from ._qemu import QemuImage, check_format, probe_file_format
 from ._reader import ReadProgress, VmaReader, _unwrap_group
 from ._restore_map import RestoreMapEntry, map_is_complete, parse_restore_map
 from ._sinks import Buffer, ExistingFileSink, RawFileSink, SequentialSink, Sink
@@ -82,16 +82,40 @@ StrPath = str | os.PathLike[str]
 
 @dataclass(slots=True)
 class Image:
-    """An open raw image file or block device, and its size in bytes."""
+    """An open image file or block device, and its (virtual) size in bytes.
+
+    ``qemu`` is set for a container format (qcow2, vmdk, vdi, ...): the
+    virtual disk is read through qemu-nbd, and ``fd`` is the container file.
+    """
 
     path: str
     fd: int
     size: int
+    qemu: QemuImage | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    async def aclose(self) -> None:
+        """Close the file and stop qemu-nbd if there is one (read-only: it has
+        nothing to finish, so it is stopped at once, even when cancelled)."""
+        qemu, self.qemu = self.qemu, None
+        try:
+            if qemu is not None:
+                await qemu.abort()
+        finally:
+            self.close()
+
+    async def read_chunk(
+        self, offset: int, length: int, file_end: int
+    ) -> tuple[bytearray, list[bool]]:
+        """One chunk and which of its clusters hold data; holes are never
+        read (``SEEK_DATA`` on a raw file, block status through qemu-nbd)."""
+        if self.qemu is not None:
+            return await self.qemu.read_chunk(offset, length)
+        return await anyio.to_thread.run_sync(_read_chunk, self.fd, offset, length, file_end)
 
 
 def open_image(path: StrPath) -> Image:
@@ -113,6 +137,27 @@ def open_image(path: StrPath) -> Image:
         return Image(name, fd, os.lseek(fd, 0, os.SEEK_END))
     os.close(fd)
     raise SourceError(f"bdrv_open '{name}' failed - not a regular file or block device")
+
+
+async def open_any_image(path: StrPath, fmt: str | None = None) -> Image:
+    """Open an image to back up: raw files and block devices directly, any
+    other QEMU format through ``qemu-nbd -r`` (see ``_qemu``), so that a qcow2
+    is stored as its virtual disk, never as the container file.
+
+    ``fmt`` None probes the first bytes, as the reference's block layer does
+    for a path given without ``format=``; ``"raw"`` never probes.
+    """
+    image = open_image(path)
+    try:
+        if fmt is None:
+            fmt = await anyio.to_thread.run_sync(probe_file_format, image.fd)
+        if fmt is not None and fmt != "raw":
+            image.qemu = await QemuImage.open(image.path, fmt)
+            image.size = image.qemu.size
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
@@ -181,7 +226,7 @@ async def backup_image(
     each chunk in a worker thread, beside the packing.
     """
     own = not isinstance(image, Image)
-    opened = open_image(image) if not isinstance(image, Image) else image
+    opened = await open_any_image(image) if not isinstance(image, Image) else image
     try:
         size = next(s.size for s in writer.status().streams if s.dev_id == dev_id)
         file_end = min(opened.size, size)
@@ -192,9 +237,7 @@ async def backup_image(
                 for offset in range(0, size, READ_CHUNK):
                     length = min(READ_CHUNK, size - offset)
                     try:
-                        chunk = await anyio.to_thread.run_sync(
-                            _read_chunk, opened.fd, offset, length, file_end
-                        )
+                        chunk = await opened.read_chunk(offset, length, file_end)
                     except OSError as exc:
                         raise SourceError(
                             f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
@@ -220,12 +263,12 @@ async def backup_image(
         raise _unwrap_group(group) from None
     finally:
         if own:
-            opened.close()
+            await opened.aclose()
 
 
 async def create_archive(
     target: StrPath | int,
-    devices: Iterable[tuple[str, StrPath]],
+    devices: Iterable[tuple[str, StrPath] | tuple[str, StrPath, str | None]],
     *,
     configs: Iterable[tuple[str, bytes]] = (),
     progress: Callable[[WriterStatus], None] | None = None,
@@ -237,6 +280,10 @@ async def create_archive(
 ) -> WriterStatus:
     """Back up ``devices`` (``(name, path)`` pairs) into a new archive at ``target``.
 
+    A device may be ``(name, path, format)``: ``"raw"`` reads the file
+    directly, qcow2, vmdk, vdi, vhdx, qed or vpc through qemu-nbd; without a
+    format (or ``None``) the image's first bytes decide (see
+    :func:`open_any_image`).
     Every image is opened first, so a missing one fails before the archive
     exists.  ``size_multiple`` rounds each recorded size up (the reference's
     block layer uses 512-byte sectors; the ``vma`` command passes 512 so that
@@ -254,10 +301,10 @@ async def create_archive(
     """
     images: list[tuple[str, Image]] = []
     try:
-        for name, path in devices:
+        for name, path, *image_format in devices:
             if any(name == known for known, _ in images):
                 raise DuplicateDeviceNameError(f"device name '{name}' given twice")
-            images.append((name, open_image(path)))
+            images.append((name, await open_any_image(path, *image_format)))
         if reproducible:
             uuid, ctime = _reproducible_identity(images, size_multiple, uuid, ctime)
         async with VmaWriter.open(target, uuid=uuid, ctime=ctime) as writer:
@@ -299,7 +346,7 @@ async def create_archive(
         raise _unwrap_group(group) from None
     finally:
         for _, image in images:
-            image.close()
+            await image.aclose()
 
 
 _REPRODUCIBLE_NAMESPACE = uuid_mod.UUID("5d1f4c52-7a3e-4d55-9a57-0d6c1b8e2f10")

@@ -27,6 +27,7 @@ request with :class:`NbdProtocolError` and the client is closed.
 from __future__ import annotations
 
 import contextlib
+import socket
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self, cast
@@ -48,6 +49,42 @@ NbdAddress = str | tuple[str, int] | anyio.abc.ByteStream
 _RECEIVE_SIZE = 256 * 1024
 _SPLIT_LENGTH = 1 << 30  # WRITE_ZEROES / TRIM / BLOCK_STATUS pieces (the field is 32 bits)
 _ZERO_CHUNK = bytes(1024 * 1024)
+
+
+async def receive_some(stream: anyio.abc.ByteReceiveStream) -> bytes:
+    """The next bytes from ``stream``, ``b""`` at its end.
+
+    On asyncio, anyio's UNIX socket stream resolves its read future from a
+    raw reader callback, which fails with ``InvalidStateError`` (printed by the
+    event loop) when the receive is cancelled just as data arrives: see
+    agronholm/anyio#1267.  A server cancelled while a client disconnects hits
+    that, so for those streams we read the raw socket after
+    :func:`anyio.wait_readable`, whose callback tolerates cancellation.
+    """
+    sock = _asyncio_unix_socket(stream)
+    if sock is None:
+        try:
+            return await stream.receive(_RECEIVE_SIZE)
+        except anyio.EndOfStream:
+            return b""
+    await anyio.lowlevel.checkpoint()
+    while True:
+        if sock.fileno() < 0:
+            raise anyio.ClosedResourceError
+        try:
+            return sock.recv(_RECEIVE_SIZE)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+        except OSError as error:
+            raise anyio.BrokenResourceError from error
+
+
+def _asyncio_unix_socket(stream: anyio.abc.ByteReceiveStream) -> socket.socket | None:
+    if not isinstance(stream, anyio.abc.UNIXSocketStream):
+        return None
+    if not type(stream).__module__.startswith("anyio._backends._asyncio"):
+        return None
+    return stream.extra(anyio.abc.SocketAttribute.raw_socket)
 
 
 @dataclass(eq=False, slots=True)
@@ -350,9 +387,7 @@ class NbdClient:
 
     async def _receive_some(self) -> None:
         try:
-            data = await self._stream.receive(_RECEIVE_SIZE)
-        except anyio.EndOfStream:
-            data = b""
+            data = await receive_some(self._stream)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as error:
             raise self._fail(
                 NbdError(f"the connection to the NBD server broke: {error}")
@@ -419,9 +454,7 @@ class _Handshake:
             if event is not proto.NEED_DATA:
                 return event
             try:
-                data = await self.stream.receive(_RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                data = b""
+                data = await receive_some(self.stream)
             except (anyio.BrokenResourceError, OSError) as error:
                 raise NbdError(f"the connection to the NBD server broke: {error}") from error
             self.conn.receive_data(data)

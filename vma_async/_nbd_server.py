@@ -41,12 +41,12 @@ from anyio.abc import SocketAttribute
 
 from . import _nbd_proto as proto
 from ._errors import NbdError, NbdProtocolError, VmaError
+from ._nbd_client import receive_some
 
 __all__ = ["NbdExport", "serve_nbd"]
 
 log = logging.getLogger("vma_async.nbd")
 
-_RECEIVE_SIZE = 256 * 1024
 _MAX_EXTENTS = 1 << 16  # per BLOCK_STATUS reply; the client asks again for the rest
 _PREFERRED_BLOCK = 4096
 
@@ -216,17 +216,24 @@ async def _serve_connection(
     try:
         async with stream:
             await session.run()
-    except NbdProtocolError as error:
+    except Exception as error:  # a cancellation is no Exception: it goes through
+        _log_end(peer, error)
+
+
+_PEER_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+
+
+def _log_end(peer: object, error: BaseException) -> None:
+    """Log why a connection ended; only a bug in an export or here is an error."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            _log_end(peer, inner)
+    elif isinstance(error, NbdProtocolError):
         log.warning("NBD client %s broke the protocol: %s", peer, error)
-    except (
-        anyio.BrokenResourceError,
-        anyio.ClosedResourceError,
-        anyio.EndOfStream,
-        OSError,
-    ) as error:
+    elif isinstance(error, _PEER_GONE):
         log.info("NBD client %s went away: %r", peer, error)
-    except Exception:
-        log.exception("NBD connection from %s failed", peer)
+    else:
+        log.error("NBD connection from %s failed", peer, exc_info=error)
 
 
 class _Session:
@@ -247,11 +254,7 @@ class _Session:
             event = self.conn.next_event()
             if event is not proto.NEED_DATA:
                 return event
-            try:
-                data = await self.stream.receive(_RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                data = b""
-            self.conn.receive_data(data)
+            self.conn.receive_data(await receive_some(self.stream))
 
     async def send(self, *parts: bytes) -> None:
         async with self.send_lock:
@@ -351,6 +354,12 @@ class _Session:
     async def answer(self, request: proto.Request, in_flight: anyio.Semaphore, held: int) -> None:
         try:
             await self.answer_request(request)
+        except _PEER_GONE:
+            # The client left with this request unanswered.  The reading task
+            # sees the end of the stream by itself; cancelling its receive here
+            # would also trip anyio's race on asyncio UNIX streams
+            # (agronholm/anyio#1267), so just stop.
+            pass
         finally:
             in_flight.release()
             await self.limits.budget.release(held)

@@ -43,8 +43,10 @@ from ._images import (
 )
 from ._nbd_client import NbdClient, list_nbd_exports
 from ._nbd_server import NbdExport, serve_nbd
+from ._nbd_sink import NbdSink
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback
+from ._qemu import QEMU_FORMATS, QemuImage, probe_format
 from ._reader import DeviceView, ReadProgress, VmaReader
 from ._repack import repack_archive
 from ._restore_map import RestoreMapEntry, parse_restore_map
@@ -112,6 +114,10 @@ __all__ = [
     "read_restore_map",
     "__version__",
     "NbdClient",
+    "NbdSink",
+    "QEMU_FORMATS",
+    "QemuImage",
+    "probe_format",
     "list_nbd_exports",
     "NbdExport",
     "serve_nbd",

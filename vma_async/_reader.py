@@ -32,6 +32,7 @@ taken for the end of the archive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from array import array
 from bisect import bisect_right
@@ -46,6 +47,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import SourceError, TruncatedArchiveError, UnknownDeviceError
+from ._fdio import ZERO_CHUNK, zero_view
 from ._format import (
     BLOCK_SIZE,
     CLUSTER_SIZE,
@@ -741,42 +743,66 @@ class DeviceView:
                 out.append((size, flags))
         return out
 
-    def _plan(self, offset: int, size: int) -> list[tuple[int, int, int]]:
-        """``(archive offset, length, result offset)`` reads, merged when adjacent."""
-        reads: list[tuple[int, int, int]] = []
+    def _plan(self, offset: int, size: int) -> list[tuple[int, int]]:
+        """``(archive offset, length)`` segments of the result in order, zeros
+        as archive offset -1; data segments adjacent in the archive merged."""
+        plan: list[tuple[int, int]] = []
         for start, length, where in self._runs.pieces(offset, offset + size):
             if where < 0:
                 raise missing_cluster_error(start // CLUSTER_SIZE, self._device.name)
-            if where == _ZERO_RUN:
-                continue
-            at = start - offset
-            if reads and reads[-1][0] + reads[-1][1] == where and reads[-1][2] + reads[-1][1] == at:
-                prev = reads.pop()
-                reads.append((prev[0], prev[1] + length, prev[2]))
-            else:
-                reads.append((where, length, at))
-        return reads
+            where = -1 if where == _ZERO_RUN else where
+            if plan:
+                last_where, last_length = plan[-1]
+                if (where < 0 and last_where < 0) or (
+                    where >= 0 and last_where >= 0 and last_where + last_length == where
+                ):
+                    plan[-1] = (last_where, last_length + length)
+                    continue
+            plan.append((where, length))
+        return plan
 
     async def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` (fewer at the device's end); reads only
         the stored blocks that overlap the range.  A missing cluster (an
         incomplete archive opened with ``require_complete=False``) raises
-        :class:`MissingClusterError`."""
+        :class:`MissingClusterError`.
+
+        The result is built with one allocation (a join of the reads and
+        shared zero views, in the worker thread); an all-zero range needs no
+        I/O and returns a cached zero object (bytes are immutable)."""
         size = self._clip(offset, size)
         if not size:
             return b""
-        reads = self._plan(offset, size)
-        result = bytearray(size)
-        if not reads:
-            return bytes(result)
+        plan = self._plan(offset, size)
+        if len(plan) == 1 and plan[0][0] < 0:
+            return _zero_bytes(size)
         source = self._source
 
-        def fetch() -> None:
-            for archive_offset, length, at in reads:
-                data = source.pread(archive_offset, length)
+        def fetch() -> bytes:
+            parts: list[bytes | memoryview] = []
+            for where, length in plan:
+                if where < 0:
+                    while length:
+                        step = min(length, ZERO_CHUNK)
+                        parts.append(zero_view(step))
+                        length -= step
+                    continue
+                data = source.pread(where, length)
                 if len(data) != length:
                     raise TruncatedArchiveError("short vma extent (archive ends inside a block)")
-                result[at : at + length] = data
+                parts.append(data)
+            only = parts[0]
+            return only if len(parts) == 1 and isinstance(only, bytes) else b"".join(parts)
 
-        await anyio.to_thread.run_sync(fetch)
-        return bytes(result)
+        return await anyio.to_thread.run_sync(fetch)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_zeros(size: int) -> bytes:
+    return bytes(size)
+
+
+def _zero_bytes(size: int) -> bytes:
+    """``size`` zero bytes; the few sizes a client asks for again and again
+    (an NBD client's 1 MiB reads) are shared objects, up to 4 MiB each."""
+    return _cached_zeros(size) if size <= 4 * ZERO_CHUNK else bytes(size)

@@ -43,7 +43,9 @@ import hashlib
 import json
 import os
 import uuid as uuid_mod
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import anyio
@@ -85,6 +87,9 @@ def cluster_digest(data: Buffer) -> bytes:
 
 
 _ZERO_DIGESTS: dict[int, bytes] = {}
+_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+_IN_FLIGHT = 4
+"""Hashing jobs (two per chunk) a device may have queued before ``update`` waits."""
 
 
 def _zero_digest(length: int) -> bytes:
@@ -98,8 +103,17 @@ def _zero_digest(length: int) -> bytes:
 
 
 class DeviceDigest:
-    """The digests of one device, fed its content in order (blocking calls, for
-    a worker thread)."""
+    """The digests of one device, fed its content in order.
+
+    :meth:`update` only hands the chunk over: the disk's SHA-256 (which must
+    see the chunks in order) runs on one thread of its own and the cluster
+    digests on another, so on a machine with a spare core both overlap the
+    packing on the event loop instead of adding to it.  At most
+    :data:`_IN_FLIGHT` chunks per device wait for hashing (the caller's
+    ``update`` blocks beyond that, in its worker thread): memory stays
+    bounded when hashing is the slower side.  :meth:`finish` waits for the
+    hashing and stops the threads; :meth:`close` stops them without waiting.
+    """
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name
@@ -107,27 +121,56 @@ class DeviceDigest:
         self._sha256 = hashlib.sha256()
         self._table = bytearray(-(-size // CLUSTER_SIZE) * CLUSTER_DIGEST_SIZE)
         self._fed = 0
+        self._sha_thread = ThreadPoolExecutor(1, thread_name_prefix=f"sha256-{name}")
+        self._cluster_thread = ThreadPoolExecutor(1, thread_name_prefix=f"digest-{name}")
+        self._in_flight: deque[Future[None]] = deque()
 
     def update(self, offset: int, data: Buffer, has_data: Sequence[bool] | None = None) -> None:
         """Feed ``data`` found at ``offset`` (cluster-aligned, right after the
         previous call's data).  ``has_data[i]`` False says cluster ``i`` of the
-        chunk is all zero (a hole), so its digest needs no hashing."""
+        chunk is a hole.  The caller must not change ``data`` afterwards.
+        Blocking (when hashing is behind): call it from a worker thread."""
         if offset != self._fed or offset % CLUSTER_SIZE:
             raise ValueError(f"digest of {self.name}: data at {offset}, expected {self._fed}")
         if offset + len(data) > self.size:
             raise ValueError(f"digest of {self.name}: data past the device's end")
+        self._fed += len(data)
+        while len(self._in_flight) >= _IN_FLIGHT:
+            self._in_flight.popleft().result()
+        self._in_flight.append(self._sha_thread.submit(self._sha256.update, data))
+        self._in_flight.append(
+            self._cluster_thread.submit(self._hash_clusters, offset, data, has_data)
+        )
+
+    def _hash_clusters(self, offset: int, data: Buffer, has_data: Sequence[bool] | None) -> None:
         view = memoryview(data)
-        self._sha256.update(view)
         first = offset // CLUSTER_SIZE
+        # startswith is a memcmp (memoryview == bytes compares item by item).
+        flat = data if isinstance(data, bytes | bytearray) else None
         for index, start in enumerate(range(0, len(view), CLUSTER_SIZE)):
             cluster = view[start : start + CLUSTER_SIZE]
             if has_data is not None and not has_data[index]:
                 digest = _zero_digest(len(cluster))
+            elif flat is not None and flat.startswith(_ZERO_CLUSTER, start):
+                digest = _zero_digest(CLUSTER_SIZE)  # zeros: a memcmp instead of a hash
             else:
                 digest = cluster_digest(cluster)
             at = (first + index) * CLUSTER_DIGEST_SIZE
             self._table[at : at + CLUSTER_DIGEST_SIZE] = digest
-        self._fed += len(view)
+
+    def finish(self) -> None:
+        """Wait for the hashing (blocking) and stop the threads."""
+        try:
+            while self._in_flight:
+                self._in_flight.popleft().result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the hashing threads; pending work is dropped."""
+        self._in_flight.clear()
+        self._sha_thread.shutdown(wait=False, cancel_futures=True)
+        self._cluster_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def complete(self) -> bool:
@@ -141,7 +184,12 @@ class DeviceDigest:
 
 
 class DigestRecorder:
-    """Collects the digests of every device of an archive being created."""
+    """Collects the digests of every device of an archive being created.
+
+    Hashing runs on threads of its own (see :class:`DeviceDigest`):
+    :func:`write_digest_file` waits for them; a caller that gives up on the
+    archive calls :meth:`close`.
+    """
 
     def __init__(self) -> None:
         self.devices: dict[str, DeviceDigest] = {}
@@ -153,8 +201,15 @@ class DigestRecorder:
             digest = self.devices[name] = DeviceDigest(name, size)
         return digest
 
+    def close(self) -> None:
+        for device in self.devices.values():
+            device.close()
+
     def encode(self, archive_uuid: uuid_mod.UUID, order: Sequence[str]) -> bytes:
-        """The sidecar's bytes, devices in archive order."""
+        """The sidecar's bytes, devices in archive order (blocking: waits for
+        the hashing)."""
+        for device in self.devices.values():
+            device.finish()
         missing = [name for name in order if not self.devices[name].complete]
         if missing:
             raise DigestError(f"digest incomplete for {', '.join(missing)}")
@@ -206,10 +261,13 @@ async def write_digest_file(
     path: StrPath, recorder: DigestRecorder, archive_uuid: uuid_mod.UUID, order: Sequence[str]
 ) -> None:
     """Write the sidecar atomically: complete under its name, or not there."""
-    data = recorder.encode(archive_uuid, order)
     name = os.fspath(path)
+
+    def encode_and_write() -> None:
+        _write_exclusive(name, recorder.encode(archive_uuid, order))
+
     try:
-        await anyio.to_thread.run_sync(_write_exclusive, name, data)
+        await anyio.to_thread.run_sync(encode_and_write)
     except OSError as exc:
         raise DigestError(f"unable to write digest {name} - {exc.strerror}") from exc
 

@@ -8,10 +8,7 @@ missing=()
 for tool in zstd gzip lzop; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
-# Disk formats (issue 9): qemu-img/qemu-nbd, and nbdinfo/nbdcopy for the NBD tests.
-{ command -v qemu-nbd && command -v qemu-img; } >/dev/null 2>&1 || missing+=(qemu-utils)
-{ command -v nbdinfo && command -v nbdcopy; } >/dev/null 2>&1 || missing+=(libnbd-bin)
-# NBD peers no one here wrote, for the NBD client/server tests (issue 9)
+# NBD peers no one here wrote (NBD tests) and QEMU's block layer (disk formats), issue 9
 for pair in qemu-nbd:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done

@@ -16,11 +16,11 @@ the spec of record; where a check here differs from it, the comment says why.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import uuid as uuid_mod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._errors import (
     BadMagicError,
@@ -88,8 +88,19 @@ assert _EXTENT_HEADER.size == EXTENT_HEADER_SIZE
 assert MAX_EXTENT_SIZE == 3_867_136
 
 
+if TYPE_CHECKING:
+    from hashlib import md5 as _md5_new
+else:
+    try:  # CPython's own MD5: importing it skips hashlib's OpenSSL set-up (~2 ms of start-up)
+        from _md5 import md5 as _md5_new
+    except ImportError:  # pragma: no cover - a Python built without it
+        from hashlib import md5 as _md5_new
+
+
 def _md5(data: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.md5(data, usedforsecurity=False).digest()
+    """The format's header checksums: 512-byte extent headers and the archive
+    header (at most 512 KiB), so the hash's speed never matters, its import does."""
+    return _md5_new(data, usedforsecurity=False).digest()
 
 
 # --- structures -------------------------------------------------------------------
@@ -453,6 +464,68 @@ def decode_header(data: bytes | bytearray | memoryview) -> ArchiveHeader:
 def make_blockinfo(dev_id: int, cluster_num: int, mask: int) -> int:
     """The 64-bit blockinfo word: mask in bits 48-63, dev_id 32-39, cluster 0-31."""
     return (mask << 48) | (dev_id << 32) | cluster_num
+
+
+# --- zero elision: the writer's per-cluster hot path ---------------------------------
+
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+"""Compared with ``data.startswith(ZERO_BLOCK, offset)``: a memcmp, no copy."""
+ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+_BLOCK_OFFSETS = tuple(range(0, CLUSTER_SIZE, BLOCK_SIZE))
+
+
+def pack_cluster(
+    dest: memoryview, pos: int, data: bytes | bytearray, offset: int = 0, blocks: int = 16
+) -> int:
+    """Copy the stored blocks of one cluster into an extent; return its mask.
+
+    The cluster is ``data[offset : offset + 65536]``; of its first ``blocks``
+    4 KiB blocks (fewer for the last cluster of a disk), each that is not all
+    zero is stored: bit i of the mask is set and the block is copied to
+    ``dest`` from ``pos`` on, in order, one memcpy per run of stored blocks.
+    The caller advances ``pos`` by ``mask.bit_count() * BLOCK_SIZE``.
+
+    Why it looks like this (measured, 64 KiB clusters): ``data`` is the
+    caller's whole read buffer and ``offset`` says where the cluster is, so
+    nothing is sliced or copied before the test (a ``bytes(memoryview)`` per
+    cluster was a 64 KiB copy); the tests are ``startswith`` memcmps on the
+    ``bytes``/``bytearray`` (comparing ``memoryview`` slices goes item by
+    item, about 100x slower).  An all-zero cluster is one memcmp; a cluster
+    whose every block has a non-zero first or last byte (most data) needs two
+    16-byte strided slices and one memcpy; only the rest are tested block by
+    block.
+    """
+    if blocks == BLOCKS_PER_CLUSTER:
+        if data.startswith(ZERO_CLUSTER, offset):
+            return 0
+        heads = int.from_bytes(data[offset : offset + CLUSTER_SIZE : BLOCK_SIZE])
+        tails = int.from_bytes(data[offset + BLOCK_SIZE - 1 : offset + CLUSTER_SIZE : BLOCK_SIZE])
+        if b"\0" not in (heads | tails).to_bytes(BLOCKS_PER_CLUSTER):
+            dest[pos : pos + CLUSTER_SIZE] = memoryview(data)[offset : offset + CLUSTER_SIZE]
+            return FULL_MASK
+    is_zero = data.startswith
+    stored = [not is_zero(ZERO_BLOCK, offset + start) for start in _BLOCK_OFFSETS[:blocks]]
+    source = memoryview(data)
+    if all(stored):
+        length = blocks * BLOCK_SIZE
+        dest[pos : pos + length] = source[offset : offset + length]
+        return (1 << blocks) - 1
+    mask = 0
+    block = 0
+    while block < blocks:
+        if not stored[block]:
+            block += 1
+            continue
+        run_end = block + 1
+        while run_end < blocks and stored[run_end]:
+            run_end += 1
+        length = (run_end - block) * BLOCK_SIZE
+        start = offset + block * BLOCK_SIZE
+        dest[pos : pos + length] = source[start : start + length]
+        pos += length
+        mask |= ((1 << (run_end - block)) - 1) << block
+        block = run_end
+    return mask
 
 
 def encode_extent_header(

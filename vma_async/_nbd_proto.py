@@ -566,14 +566,15 @@ class ClientConnection:
         head = self._buffer.peek(8)
         if head is not None and head != NBDMAGIC.to_bytes(8, "big"):
             raise NbdProtocolError("not an NBD server: the greeting does not start with NBDMAGIC")
-        data = self._buffer.take(_GREETING.size)
-        if data is None:
-            return NEED_DATA
-        _, second, handshake_flags = _GREETING.unpack(data)
-        if second != IHAVEOPT:
+        head = self._buffer.peek(16)
+        if head is not None and head[8:] != IHAVEOPT.to_bytes(8, "big"):
             raise NbdProtocolError(
                 "the NBD server speaks the oldstyle handshake, which is not supported"
             )
+        data = self._buffer.take(_GREETING.size)
+        if data is None:
+            return NEED_DATA
+        _, _, handshake_flags = _GREETING.unpack(data)
         if not handshake_flags & FLAG_FIXED_NEWSTYLE:
             raise NbdProtocolError("the NBD server does not support the fixed newstyle handshake")
         self._no_zeroes = bool(handshake_flags & FLAG_NO_ZEROES)

@@ -582,6 +582,20 @@ MISSING: Final = 2
 """``block_status`` flag: the archive lacks the cluster (an incomplete archive)."""
 
 
+def _append_run(runs: list[tuple[int, int, int]], start: int, length: int, where: int) -> None:
+    """Append a ``(start, length, where)`` run, merged into the last one when it
+    continues it on the device and, for data, in the archive too."""
+    if runs:
+        last_start, last_length, last_where = runs[-1]
+        if last_start + last_length == start and (
+            (where == last_where == _ZERO_RUN)
+            or (where and last_where and last_where + last_length == where)
+        ):
+            runs[-1] = (last_start, last_length + length, last_where)
+            return
+    runs.append((start, length, where))
+
+
 class _DeviceRuns:
     """One device's runs, sorted by device offset: ``starts[i]``, ``lengths[i]``
     and ``where[i]`` (the archive offset of the data, or 0 for zeros).  Runs
@@ -597,31 +611,14 @@ class _DeviceRuns:
         self.where: array[int] = array("Q")
 
     def add(self, start: int, length: int, where: int) -> None:
-        pending = self.pending
-        if pending:
-            last_start, last_length, last_where = pending[-1]
-            if last_start + last_length == start and (
-                (where == last_where == _ZERO_RUN)
-                or (where and last_where and last_where + last_length == where)
-            ):
-                pending[-1] = (last_start, last_length + length, last_where)
-                return
-        pending.append((start, length, where))
+        _append_run(self.pending, start, length, where)
 
     def finish(self) -> None:
         """Sort (producers interleave clusters), merge neighbours, pack into arrays."""
         runs, self.pending = sorted(self.pending), []
         merged: list[tuple[int, int, int]] = []
         for start, length, where in runs:
-            if merged:
-                last_start, last_length, last_where = merged[-1]
-                if last_start + last_length == start and (
-                    (where == last_where == _ZERO_RUN)
-                    or (where and last_where and last_where + last_length == where)
-                ):
-                    merged[-1] = (last_start, last_length + length, last_where)
-                    continue
-            merged.append((start, length, where))
+            _append_run(merged, start, length, where)
         self.starts = array("Q", [r[0] for r in merged])
         self.lengths = array("Q", [r[1] for r in merged])
         self.where = array("Q", [r[2] for r in merged])

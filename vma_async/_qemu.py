@@ -451,21 +451,23 @@ class QemuImage:
             runs.append((pos, end))
         return runs
 
-    async def read_chunk(self, offset: int, length: int) -> tuple[bytearray, list[bool]]:
+    async def read_chunk(self, offset: int, length: int) -> tuple[bytearray, list[bool], int]:
         """Read ``length`` bytes at ``offset`` without reading what reads as zero.
 
-        Returns the buffer (zeros where nothing was read) and, per 64 KiB
-        cluster, whether any byte of it was read, the same shape the raw
-        path's ``SEEK_DATA`` reader returns, so the backup producer treats both
-        alike.  Bytes past the image's end stay zero.
+        Returns the buffer (zeros where nothing was read), per 64 KiB cluster
+        whether any byte of it was read, and how many bytes were read: what
+        the raw path's ``SEEK_DATA`` reader returns, so the backup producer
+        treats both alike.  Bytes past the image's end stay zero.
         """
         buf = bytearray(length)
         view = memoryview(buf)
         has_data = [False] * (-(-length // CLUSTER_SIZE))
         stop = min(offset + length, self.size)
         runs = await self.data_runs(offset, stop - offset) if stop > offset else []
+        read = 0
         try:
             for start, end in runs:
+                read += end - start
                 view[start - offset : end - offset] = await self.client.read(start, end - start)
                 for index in range(
                     (start - offset) // CLUSTER_SIZE, (end - offset - 1) // CLUSTER_SIZE + 1
@@ -473,7 +475,7 @@ class QemuImage:
                     has_data[index] = True
         except NbdError as exc:
             raise QemuError(await self.failure("read from", exc)) from exc
-        return buf, has_data
+        return buf, has_data, read
 
     async def failure(self, what: str, exc: BaseException) -> str:
         """A message for a failed request that says what qemu-nbd did.

@@ -37,6 +37,7 @@ import anyio
 # The public API only: the command is a client of the library like any other.
 from . import (
     CLUSTER_SIZE,
+    QEMU_FORMATS,
     ArchiveHeader,
     DeviceInfo,
     DigestRecorder,
@@ -66,7 +67,8 @@ vma list <filename>
 vma config <filename> [-c config]
 vma create <filename> [-c config] [-v] [--uuid UUID] [--ctime EPOCH] [--reproducible]
            [--digest] [devname=]pathname ...
-vma extract <filename> [-v] [-d <drive-list>] [-r <fifo>] <targetdir>
+vma create <filename> [create options] -d format=<format>:<device name>=<path> [-d ...]
+vma extract <filename> [-v] [-d <drive-list>] [-r <fifo> | --format <format>] <targetdir>
 vma verify <filename> [-v] [--digest PATH]
 vma repack <filename> <newfile> [--uuid UUID] [--ctime EPOCH]
 
@@ -114,7 +116,8 @@ Examples:
 vma create FILE [-c CONFIG]... [-v] [--uuid UUID] [--ctime EPOCH]
            [--reproducible] [--digest] [NAME=]PATH...
 
-Back up raw image files or block devices into a new archive (never
+Back up disk images (raw files or block devices, or qcow2, vmdk, vdi, vhdx,
+qed and vpc images read through qemu-nbd) into a new archive (never
 overwritten).  Devices are named disk0, disk1, ... unless NAME= is given
 (a name given twice is refused); each size is rounded up to a multiple of
 512 bytes, as the reference does.  FILE may be 'exec:COMMAND' (the archive
@@ -132,10 +135,17 @@ goes to the command's stdin) or '-' (standard output, not a terminal).
   --digest         also write FILE.digest: SHA-256 of each disk and a digest
                    of every cluster, which 'vma verify' checks (the format
                    itself checksums headers only)
+  -d format=FMT:[NAME=]PATH
+                   a device, as Proxmox's current vma has it (repeatable; not
+                   mixed with positional devices); FMT is raw, qcow2, vmdk,
+                   vdi, vhdx, qed or vpc.  A positional PATH is probed: such
+                   an image is read through QEMU too, never stored as its
+                   container file (needs qemu-nbd: Debian package qemu-utils)
 
 Examples:
   vma create backup.vma -c qemu-server.conf drive-scsi0=/dev/vg/vm-100-disk-0
   vma create 'exec:zstd -q -o backup.vma.zst' disk.raw
+  vma create backup.vma -d format=qcow2:drive-scsi0=vm-100-disk-0.qcow2
   vma create --reproducible --digest backup.vma drive-scsi0=disk.raw
   vma create - disk.raw | ssh backup 'cat > vm.vma'
 """,
@@ -148,9 +158,13 @@ renamed when complete; a DEVINFO line is printed for each).
   -d DRIVES  restore only these disks (comma-separated names; repeatable);
              configs and vmstate always; an unknown name is an error
   -r MAP     read a restore map (file or FIFO) instead: lines
-             [format=raw:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:NAME=PATH
+             [format=FMT:][throttling.bps=N:][throttling.group=G:][cache=C:]0|1:NAME=PATH
              or skip=NAME (restore nothing of that disk), ended by 'done'
              or an empty line; 1: writes zero blocks too
+             (a FMT other than raw is written through qemu-nbd)
+  --format FMT  each disk a new image of that format, disk-NAME.FMT: qcow2,
+             vmdk, vdi, vhdx, qed, vpc (qemu-img create, then filled through
+             qemu-nbd straight from the archive: no raw intermediate)
   -v         print progress and the summary lines on stdout
 
 Examples:
@@ -158,6 +172,7 @@ Examples:
   vma extract -v - restore < backup.vma
   vma extract -r map.fifo backup.vma /var/tmp/restore
   vma extract -d drive-scsi0,drive-scsi2 backup.vma /var/tmp/restore
+  vma extract --format qcow2 vzdump-qemu-100.vma.zst /var/tmp/restore
 """,
     "verify": """\
 vma verify FILE [-v] [--digest PATH]
@@ -192,7 +207,7 @@ Examples:
 _SHORT_OPTIONS = {
     "list": "h",
     "config": "hc:",
-    "create": "hvc:",
+    "create": "hvc:d:",
     "extract": "hvd:r:",
     "verify": "hv",
     "repack": "h",
@@ -201,6 +216,7 @@ _COMMON_LONG = ["quiet", "debug", "help"]
 _LONG_OPTIONS = {
     "list": [*_COMMON_LONG, "json"],
     "create": [*_COMMON_LONG, "uuid=", "ctime=", "reproducible", "digest"],
+    "extract": [*_COMMON_LONG, "format="],
     "verify": [*_COMMON_LONG, "digest="],
     "repack": [*_COMMON_LONG, "uuid=", "ctime="],
 }
@@ -231,6 +247,8 @@ class Options:
     configs: tuple[str, ...] = ()
     restore_map: str | None = None
     drives: tuple[str, ...] | None = None
+    disks: tuple[str, ...] = ()
+    image_format: str = "raw"
     uuid: uuid_mod.UUID | None = None
     ctime: int | None = None
     reproducible: bool = False
@@ -280,6 +298,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             opts.json = True
         elif flag == "-r":
             opts.restore_map = value
+        elif flag == "-d" and command == "create":
+            opts.disks = (*opts.disks, value)
         elif flag == "-d":
             opts.drives = (*(opts.drives or ()), *(n for n in value.split(",") if n))
         elif flag == "--uuid":
@@ -289,6 +309,11 @@ def parse_args(argv: Sequence[str]) -> Options | str:
                 raise UsageError(f"--uuid: not a UUID: '{value}'") from None
         elif flag == "--ctime":
             opts.ctime = _epoch(value, "--ctime")
+        elif flag == "--format":
+            if value not in QEMU_FORMATS:
+                known = ", ".join(sorted(QEMU_FORMATS))
+                raise UsageError(f"--format: unknown image format '{value}' (one of {known})")
+            opts.image_format = value
         elif flag == "--reproducible":
             opts.reproducible = True
         elif flag == "--digest" and command == "create":
@@ -300,6 +325,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
         elif flag == "-c":
             opts.config = value
     opts.configs = tuple(configs)
+    if opts.restore_map is not None and opts.image_format != "raw":
+        raise UsageError("--format makes new images; with -r the map's format= gives each target's")
     wanted = {"extract": 2, "repack": 2, "create": -1}.get(command, 1)
     if (wanted == -1 and not positional) or (wanted > 0 and len(positional) != wanted):
         count = f"{len(positional)} argument{'s' if len(positional) != 1 else ''}"
@@ -660,6 +687,7 @@ async def cmd_extract(opts: Options) -> int:
             announce=announce,
             progress=on_progress,
             devices=opts.drives,
+            image_format=opts.image_format,
         )
     except (FormatError, SourceError) as exc:
         if reporter is None:  # the header was bad: there was no restore yet
@@ -678,6 +706,30 @@ def _archive_target(name: str) -> str | int:
     return name
 
 
+def create_devices(
+    disk_options: Sequence[str], positional: Sequence[str]
+) -> list[tuple[str, str, str | None]]:
+    """``vma create``'s devices as ``(name, path, format)``, parsed as
+    Proxmox's current tool does: ``-d format=FMT:[NAME=]PATH`` (repeatable,
+    the format required) or the older positional ``[format=FMT:][NAME=]PATH``
+    (format None: the library probes the image), never both.  Unnamed
+    devices are disk0, disk1, ... in order."""
+    if disk_options and positional:
+        raise VmaError("Unexpected extra argument - specify all devices via '-d'")
+    devices: list[tuple[str, str, str | None]] = []
+    for index, spec in enumerate(disk_options or positional):
+        fmt, rest = None, spec
+        if spec.startswith("format="):
+            fmt, colon, rest = spec[len("format=") :].partition(":")
+            if not colon:
+                raise VmaError(f"read map failed - option 'format' not terminated ('{spec}')")
+        elif disk_options:
+            raise VmaError(f"No format specified for device: '{spec}'")
+        name, equals, path = rest.partition("=")
+        devices.append((name, path, fmt) if equals else (f"disk{index}", rest, fmt))
+    return devices
+
+
 async def cmd_create(opts: Options) -> int:
     archive, *paths = opts.args
     target = _archive_target(archive)
@@ -690,10 +742,7 @@ async def cmd_create(opts: Options) -> int:
             configs.append((name, await anyio.Path(name).read_bytes()))
         except OSError as exc:
             raise VmaError(f"Unable to read file: {name}: {exc.strerror}") from exc
-    devices = []
-    for index, arg in enumerate(paths):
-        name, equals, path = arg.partition("=")
-        devices.append((name, path) if equals else (f"disk{index}", arg))
+    devices = create_devices(opts.disks, paths)
 
     mode = _progress_mode(opts)
     bar = ProgressBar(sys.stderr, "create") if mode == "bar" else None
@@ -731,7 +780,7 @@ async def cmd_create(opts: Options) -> int:
         async with await VmaReader.open(archive) as reader:
             archive_uuid = reader.header.uuid
         await write_digest_file(
-            digest_path(archive), recorder, archive_uuid, [name for name, _ in devices]
+            digest_path(archive), recorder, archive_uuid, [name for name, *_ in devices]
         )
     if bar is not None:
         bar.finish(sum(s.size for s in status.streams))

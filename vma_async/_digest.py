@@ -38,7 +38,6 @@ already read.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -52,7 +51,7 @@ import anyio
 import anyio.to_thread
 
 from ._errors import DigestError, DigestMismatchError
-from ._fdio import Buffer
+from ._fdio import Buffer, create_exclusive, remove_created, write_all
 from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
 from ._parser import ReadSummary
 from ._progress import ProgressCallback
@@ -242,19 +241,16 @@ def digest_path(archive: StrPath) -> str:
 def _write_exclusive(path: str, data: bytes) -> None:
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = create_exclusive(None, tmp)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.link(tmp, path)  # unlike rename, never replaces an existing file
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        remove_created(None, tmp)
 
 
 async def write_digest_file(

@@ -51,8 +51,8 @@ _SPLIT_LENGTH = 1 << 30  # WRITE_ZEROES / TRIM / BLOCK_STATUS pieces (the field 
 _ZERO_CHUNK = bytes(1024 * 1024)
 
 
-async def receive_some(stream: anyio.abc.ByteReceiveStream) -> bytes:
-    """The next bytes from ``stream``, ``b""`` at its end.
+class StreamReceiver:
+    """Receives from one byte stream: the next bytes, ``b""`` at its end.
 
     On asyncio, anyio's UNIX socket stream resolves its read future from a
     raw reader callback, which fails with ``InvalidStateError`` (printed by the
@@ -61,22 +61,30 @@ async def receive_some(stream: anyio.abc.ByteReceiveStream) -> bytes:
     that, so for those streams we read the raw socket after
     :func:`anyio.wait_readable`, whose callback tolerates cancellation.
     """
-    sock = _asyncio_unix_socket(stream)
-    if sock is None:
-        try:
-            return await stream.receive(_RECEIVE_SIZE)
-        except anyio.EndOfStream:
-            return b""
-    await anyio.lowlevel.checkpoint()
-    while True:
-        if sock.fileno() < 0:
-            raise anyio.ClosedResourceError
-        try:
-            return sock.recv(_RECEIVE_SIZE)
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-        except OSError as error:
-            raise anyio.BrokenResourceError from error
+
+    __slots__ = ("_socket", "_stream")
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self._stream = stream
+        self._socket = _asyncio_unix_socket(stream)
+
+    async def receive(self) -> bytes:
+        sock = self._socket
+        if sock is None:
+            try:
+                return await self._stream.receive(_RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                return b""
+        await anyio.lowlevel.checkpoint()
+        while True:
+            if sock.fileno() < 0:
+                raise anyio.ClosedResourceError
+            try:
+                return sock.recv(_RECEIVE_SIZE)
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+            except OSError as error:
+                raise anyio.BrokenResourceError from error
 
 
 def _asyncio_unix_socket(stream: anyio.abc.ByteReceiveStream) -> socket.socket | None:
@@ -141,6 +149,7 @@ class NbdClient:
         self, stream: anyio.abc.ByteStream, connection: proto.ClientConnection, export_name: str
     ) -> None:
         self._stream = stream
+        self._receiver = StreamReceiver(stream)
         self._conn = connection
         self.export_name = export_name
         self.size: int = connection.size
@@ -387,7 +396,7 @@ class NbdClient:
 
     async def _receive_some(self) -> None:
         try:
-            data = await receive_some(self._stream)
+            data = await self._receiver.receive()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as error:
             raise self._fail(
                 NbdError(f"the connection to the NBD server broke: {error}")
@@ -445,6 +454,7 @@ class _Handshake:
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
+        self.receiver = StreamReceiver(stream)
         self.conn = proto.ClientConnection()
         self.events: list[object] = []
 
@@ -454,7 +464,7 @@ class _Handshake:
             if event is not proto.NEED_DATA:
                 return event
             try:
-                data = await receive_some(self.stream)
+                data = await self.receiver.receive()
             except (anyio.BrokenResourceError, OSError) as error:
                 raise NbdError(f"the connection to the NBD server broke: {error}") from error
             self.conn.receive_data(data)

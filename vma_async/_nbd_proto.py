@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -405,35 +406,77 @@ ServerEvent = (
 
 
 class _ReceiveBuffer:
-    """Bytes received and not yet parsed; ``eof`` once the peer closed."""
+    """Bytes received and not yet parsed; ``eof`` once the peer closed.
 
-    __slots__ = ("_data", "eof")
+    Kept as the chunks that arrived: a 1 MiB read reply that came in
+    256 KiB pieces is joined once when taken (one copy), and a chunk that is
+    exactly one message is handed out as is (none).  Taking costs
+    O(bytes taken), never O(bytes buffered).
+    """
+
+    __slots__ = ("_chunks", "_length", "_offset", "eof")
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._chunks: deque[bytes] = deque()
+        self._length = 0
+        self._offset = 0  # consumed bytes of the first chunk
         self.eof = False
 
     def feed(self, data: bytes) -> None:
         if self.eof:
             raise RuntimeError("receive_data after end of stream")
         if data:
-            self._data += data
+            self._chunks.append(bytes(data))
+            self._length += len(data)
         else:
             self.eof = True
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._length
 
     def peek(self, size: int) -> bytes | None:
-        return bytes(self._data[:size]) if len(self._data) >= size else None
+        if self._length < size:
+            return None
+        if not size:
+            return b""
+        first = self._chunks[0]
+        if len(first) - self._offset >= size:
+            return first[self._offset : self._offset + size]
+        return b"".join(self._pieces(size, consume=False))
 
     def take(self, size: int) -> bytes | None:
         """The next ``size`` bytes, or None (nothing consumed) if fewer arrived."""
-        if len(self._data) < size:
+        if self._length < size:
             return None
-        chunk = bytes(self._data[:size])
-        del self._data[:size]  # CPython moves the start: O(size), not O(buffer)
-        return chunk
+        if not size:
+            return b""
+        self._length -= size
+        first = self._chunks[0]
+        if self._offset == 0 and len(first) == size:
+            self._chunks.popleft()
+            return first
+        if len(first) - self._offset > size:
+            self._offset += size
+            return first[self._offset - size : self._offset]
+        return b"".join(self._pieces(size, consume=True))
+
+    def _pieces(self, size: int, *, consume: bool) -> list[memoryview]:
+        pieces = []
+        offset, index = self._offset, 0
+        while size:
+            chunk = self._chunks[index]
+            piece = memoryview(chunk)[offset : offset + size]
+            pieces.append(piece)
+            size -= len(piece)
+            offset += len(piece)
+            if offset == len(chunk):
+                offset = 0
+                index += 1
+        if consume:
+            for _ in range(index):
+                self._chunks.popleft()
+            self._offset = offset
+        return pieces
 
 
 def _decode_string(data: bytes, what: str) -> str:
@@ -707,10 +750,18 @@ class ClientConnection:
                 )
             self._header = (flags, chunk_type, cookie, length)
         flags, chunk_type, cookie, length = self._header
-        payload = self._buffer.take(length)
-        if payload is None:
+        if len(self._buffer) < length:
             return NEED_DATA
         self._header = None
+        if chunk_type == REPLY_TYPE_OFFSET_DATA and length > 8:
+            # the offset apart from the data, so the data is never sliced (copied) again
+            offset_field = self._buffer.take(8)
+            data = self._buffer.take(length - 8)
+            assert offset_field is not None
+            assert data is not None
+            return self._chunk(flags, chunk_type, cookie, offset_field, data)
+        payload = self._buffer.take(length)
+        assert payload is not None
         return self._chunk(flags, chunk_type, cookie, payload)
 
     def _parse_simple_reply(self) -> ClientEvent | _Sentinel:
@@ -749,8 +800,10 @@ class ClientConnection:
         return 16
 
     def _chunk(
-        self, flags: int, chunk_type: int, cookie: int, payload: bytes
+        self, flags: int, chunk_type: int, cookie: int, payload: bytes, data: bytes | None = None
     ) -> ClientEvent | _Sentinel:
+        """One structured chunk; for OFFSET_DATA ``payload`` is the offset
+        field and ``data`` the bytes (None if the chunk is too short)."""
         pending = self._pending[cookie]
         pending.structured_seen = True
         done = bool(flags & REPLY_FLAG_DONE)
@@ -759,7 +812,7 @@ class ClientConnection:
             if payload or not done:
                 raise NbdProtocolError("NBD_REPLY_TYPE_NONE with data or without the DONE flag")
         elif chunk_type in (REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE):
-            event = self._content_chunk(pending, chunk_type, cookie, payload)
+            event = self._content_chunk(pending, chunk_type, cookie, payload, data)
         elif chunk_type == REPLY_TYPE_BLOCK_STATUS:
             event = self._status_chunk(pending, cookie, payload)
         elif chunk_type & (1 << 15):
@@ -774,15 +827,20 @@ class ClientConnection:
         return event if event is not None else self._parse()
 
     def _content_chunk(
-        self, pending: _PendingRequest, chunk_type: int, cookie: int, payload: bytes
+        self,
+        pending: _PendingRequest,
+        chunk_type: int,
+        cookie: int,
+        payload: bytes,
+        data: bytes | None,
     ) -> ClientEvent:
         if pending.command != CMD_READ:
             raise NbdProtocolError("NBD read data in the reply to a request other than READ")
         if chunk_type == REPLY_TYPE_OFFSET_DATA:
-            if len(payload) < 9:
+            if data is None:
                 raise NbdProtocolError("NBD_REPLY_TYPE_OFFSET_DATA shorter than 9 bytes")
             (offset,) = struct.unpack_from(">Q", payload)
-            length = len(payload) - 8
+            length = len(data)
         else:
             if len(payload) != 12:
                 raise NbdProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE not 12 bytes long")
@@ -795,7 +853,8 @@ class ClientConnection:
         if pending.covered > pending.length:
             raise NbdProtocolError("NBD read reply chunks overlap")
         if chunk_type == REPLY_TYPE_OFFSET_DATA:
-            return ReadChunk(cookie, offset, payload[8:])
+            assert data is not None
+            return ReadChunk(cookie, offset, data)
         return HoleChunk(cookie, offset, length)
 
     def _status_chunk(self, pending: _PendingRequest, cookie: int, payload: bytes) -> ClientEvent:

@@ -41,7 +41,7 @@ from anyio.abc import SocketAttribute
 
 from . import _nbd_proto as proto
 from ._errors import NbdError, NbdProtocolError, VmaError
-from ._nbd_client import receive_some
+from ._nbd_client import StreamReceiver
 
 __all__ = ["NbdExport", "serve_nbd"]
 
@@ -243,6 +243,7 @@ class _Session:
         self, stream: anyio.abc.SocketStream, exports: dict[str, NbdExport], limits: _Limits
     ) -> None:
         self.stream = stream
+        self.receiver = StreamReceiver(stream)
         self.exports = exports
         self.limits = limits
         self.conn = proto.ServerConnection()
@@ -254,7 +255,7 @@ class _Session:
             event = self.conn.next_event()
             if event is not proto.NEED_DATA:
                 return event
-            self.conn.receive_data(await receive_some(self.stream))
+            self.conn.receive_data(await self.receiver.receive())
 
     async def send(self, *parts: bytes) -> None:
         async with self.send_lock:

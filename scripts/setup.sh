@@ -9,7 +9,9 @@ for tool in zstd gzip lzop; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 # NBD peers no one here wrote (NBD tests) and QEMU's block layer (disk formats), issue 9
-for pair in qemu-nbd:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin; do
+# borg: the deduplicating store of benchmarks/bench_dedup.py (issue 11)
+for pair in qemu-nbd:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+    borg:borgbackup; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

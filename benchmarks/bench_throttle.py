@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from vma_async._images import RateLimiter, ThrottledSink
+from vma_async import RateLimiter, ThrottledSink
 
 CLUSTER = 65536
 RATE = 32 * 1024 * 1024  # bytes per second

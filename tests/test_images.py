@@ -1,38 +1,42 @@
-"""Image producers, safe names, throttling and restore-map input of ``_images``."""
+"""The one-call layer: image producers (``_backup``), safe names (``_extract``),
+throttling (``_sink_wrappers``) and restore-map input (``_restore_map``)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from vma_async import (
+    CLUSTER_SIZE,
     FormatError,
+    InvalidStreamError,
+    Progress,
+    RateLimiter,
+    RestoreMapEntry,
     RestoreMapError,
+    Sink,
     SourceError,
     StreamStatus,
-    UnsafeNameError,
-    WriterStatus,
-)
-from vma_async import _images as images_module
-from vma_async._format import CLUSTER_SIZE
-from vma_async._images import (
-    RateLimiter,
     ThrottledSink,
-    _CreatedFiles,
-    _read_chunk,
+    UnsafeNameError,
+    VmaWriter,
+    WriterStatus,
     backup_image,
-    check_file_name,
     create_archive,
     extract_archive,
     open_image,
     read_restore_map,
 )
-from vma_async._restore_map import RestoreMapEntry
+from vma_async import _backup as backup_module
+from vma_async._backup import _read_chunk
+from vma_async._extract import _CreatedFiles, check_file_name
 
 # --- hole detection ------------------------------------------------------------------
 
@@ -57,52 +61,58 @@ def _sparse_image(path: Path) -> bytes:
     return bytes(content)
 
 
-def test_read_chunk_reads_data_and_reports_clusters_with_data(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_read_chunk_reads_data_and_reports_clusters_with_data(tmp_path: Path) -> None:
     path = tmp_path / "sparse.raw"
     expected = _sparse_image(path)
-    image = open_image(path)
+    image = await open_image(path)
     try:
-        buf, has_data = _read_chunk(image.fd, 0, image.size, image.size)
+        buf, has_data, read = _read_chunk(image.fd, 0, image.size, image.size)
     finally:
         image.close()
     assert bytes(buf) == expected
+    assert read < 3 * CLUSTER_SIZE  # the holes were not read
     # tmpfs and ext4 report holes at page/block granularity: the data clusters
     # are exactly those written, the others are never read.
     assert [i for i, flag in enumerate(has_data) if flag] == [0, 5, 15]
 
 
-def test_read_chunk_past_the_file_end_is_zeros(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_read_chunk_past_the_file_end_is_zeros(tmp_path: Path) -> None:
     path = tmp_path / "odd.raw"
     path.write_bytes(b"\xff" * 1000)
-    image = open_image(path)
+    image = await open_image(path)
     try:
-        buf, has_data = _read_chunk(image.fd, 0, 1024, image.size)
+        buf, has_data, read = _read_chunk(image.fd, 0, 1024, image.size)
     finally:
         image.close()
     assert bytes(buf) == b"\xff" * 1000 + bytes(24)
+    assert read == 1000
     assert has_data == [True]
 
 
-def test_read_chunk_at_an_offset(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_read_chunk_at_an_offset(tmp_path: Path) -> None:
     path = tmp_path / "sparse.raw"
     expected = _sparse_image(path)
-    image = open_image(path)
+    image = await open_image(path)
     try:
-        buf, has_data = _read_chunk(image.fd, 4 * CLUSTER_SIZE, 4 * CLUSTER_SIZE, image.size)
+        buf, has_data, _ = _read_chunk(image.fd, 4 * CLUSTER_SIZE, 4 * CLUSTER_SIZE, image.size)
     finally:
         image.close()
     assert bytes(buf) == expected[4 * CLUSTER_SIZE : 8 * CLUSTER_SIZE]
     assert has_data == [False, True, False, False]
 
 
-def test_open_image_refuses_what_has_no_size(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_open_image_refuses_what_has_no_size(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(SourceError) as info:
-        open_image(fifo)
+        await open_image(fifo)
     assert str(info.value) == f"bdrv_open '{fifo}' failed - not a regular file or block device"
     with pytest.raises(SourceError) as info:
-        open_image(tmp_path / "missing")
+        await open_image(tmp_path / "missing")
     assert (
         str(info.value) == f"bdrv_open '{tmp_path / 'missing'}' failed - No such file or directory"
     )
@@ -138,7 +148,7 @@ def test_plain_names_pass(name: str) -> None:
 # --- throttling -----------------------------------------------------------------------
 
 
-class RecordingSink:
+class RecordingSink(Sink):
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
 
@@ -297,8 +307,8 @@ async def test_create_archive_failure_removes_the_partial_archive(tmp_path: Path
     disk = tmp_path / "disk.raw"
     disk.write_bytes(os.urandom(8 * CLUSTER_SIZE))
 
-    def fail_midway(status: WriterStatus) -> None:
-        if status.streams[0].transferred >= 2 * CLUSTER_SIZE:
+    def fail_midway(progress: Progress) -> None:
+        if progress.done_bytes >= 2 * CLUSTER_SIZE:
             raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left on device"):
@@ -338,15 +348,15 @@ def test_created_files_never_follow_a_planted_symlink(tmp_path: Path) -> None:
     (target / "tmp-disk-d.raw").symlink_to(victim)
     dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        files = _CreatedFiles(dir_fd)
+        files = _CreatedFiles(str(target), dir_fd)
         with pytest.raises(FileExistsError):
-            files.create("tmp-disk-d.raw")
-        fd = files.create("config")
+            files.create_blocking("tmp-disk-d.raw")
+        fd = files.create_blocking("config")
         os.close(fd)
         (target / "disk-d.raw").symlink_to(victim)
         with pytest.raises(FileExistsError):
-            files.rename("config", "disk-d.raw")  # never replaces what is there
-        files.remove_all()
+            files.rename_blocking("config", "disk-d.raw")  # never replaces what is there
+        files.remove_all_blocking()  # the directory is not empty: it stays
     finally:
         os.close(dir_fd)
     assert victim.read_bytes() == b"precious"
@@ -363,9 +373,135 @@ async def test_a_read_error_is_a_source_error_naming_the_image(
     def failing_read(fd: int, offset: int, length: int, file_end: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(images_module, "_read_chunk", failing_read)
+    monkeypatch.setattr(backup_module, "_read_chunk", failing_read)
     writer = RecordingWriter(1, CLUSTER_SIZE)
     with pytest.raises(SourceError) as info:
         await backup_image(writer, 1, path)  # type: ignore[arg-type]
     assert str(info.value) == f"read error on '{path}' at offset 0 - Input/output error"
     assert not writer.closed
+
+
+# --- regressions: issue 8 (unknown stream, progress convention, blocking calls) ------------------
+
+
+@pytest.mark.anyio
+async def test_backup_image_unknown_dev_id_is_the_librarys_error(tmp_path: Path) -> None:
+    """Defect 5: it ended in ``RuntimeError: coroutine raised StopIteration``."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"x" * CLUSTER_SIZE)
+    async with VmaWriter.open(tmp_path / "a.vma") as writer:
+        dev_id = writer.register_stream("d", CLUSTER_SIZE)
+        with pytest.raises(InvalidStreamError, match="^backup_image: no such stream 9$"):
+            await backup_image(writer, 9, path)
+        await backup_image(writer, dev_id, path)
+    assert (tmp_path / "a.vma").stat().st_size > CLUSTER_SIZE
+
+
+@pytest.mark.anyio
+async def test_create_progress_once_per_chunk_never_per_cluster(tmp_path: Path) -> None:
+    """One convention: a Progress at the start, per 4 MiB chunk, and at the end."""
+    sizes = {"a": 100 * CLUSTER_SIZE + 4096, "b": 3 * CLUSTER_SIZE}
+    devices = []
+    for name, size in sizes.items():
+        path = tmp_path / f"{name}.raw"
+        path.write_bytes(os.urandom(size // 2) + bytes(size - size // 2))
+        devices.append((name, path))
+    seen: list[Progress] = []
+
+    async def record(progress: Progress) -> None:  # an async callback is awaited
+        seen.append(progress)
+
+    status = await create_archive(tmp_path / "a.vma", devices, progress=record)
+    chunks = 2 + 1  # a: 101 clusters in two 64-cluster chunks, b: one chunk
+    assert len(seen) == 1 + chunks + 1
+    assert {p.operation for p in seen} == {"create"}
+    total = (101 + 3) * CLUSTER_SIZE
+    assert [p.total_bytes for p in seen] == [total] * len(seen)
+    assert seen[0].done_bytes == 0
+    assert seen[0].read_bytes == 0
+    last = seen[-1]
+    assert last.done_bytes == total
+    assert last.read_bytes == sum(sizes.values())  # written files: no holes to skip
+    assert last.zero_bytes == sum(s.zero_bytes for s in status.streams)
+    assert [(d.name, d.done_bytes, d.total_bytes) for d in last.devices] == [
+        ("a", 101 * CLUSTER_SIZE, 101 * CLUSTER_SIZE),
+        ("b", 3 * CLUSTER_SIZE, 3 * CLUSTER_SIZE),
+    ]
+    done = [p.done_bytes for p in seen]
+    assert done == sorted(done)
+
+
+@pytest.mark.anyio
+async def test_backup_image_progress_without_a_callback_costs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``progress=None`` nothing is built: not per cluster, not per chunk."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(70 * CLUSTER_SIZE))
+    built: list[object] = []
+    real = backup_module.Progress
+
+    def counting(*args: object, **kwargs: object) -> object:
+        built.append(args)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backup_module, "Progress", counting)
+    await create_archive(tmp_path / "a.vma", [("d", path)])
+    assert built == []
+    seen: list[Progress] = []
+    async with VmaWriter.open(tmp_path / "b.vma") as writer:
+        dev_id = writer.register_stream("d", 70 * CLUSTER_SIZE)
+        await backup_image(writer, dev_id, path, progress=seen.append)
+    assert [p.operation for p in seen] == ["backup"] * 4  # start, 2 chunks, end
+    assert [p.done_bytes // CLUSTER_SIZE for p in seen] == [0, 64, 70, 70]
+
+
+@pytest.mark.anyio
+async def test_extract_progress_says_extract(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(5 * CLUSTER_SIZE))
+    await create_archive(tmp_path / "a.vma", [("d", disk)])
+    seen: list[Progress] = []
+    await extract_archive(tmp_path / "a.vma", tmp_path / "out", progress=seen.append)
+    assert seen
+    assert {p.operation for p in seen} == {"extract"}
+    assert seen[-1].done_bytes == seen[-1].total_bytes == 5 * CLUSTER_SIZE
+    assert (tmp_path / "out" / "disk-d.raw").read_bytes() == disk.read_bytes()
+
+
+@pytest.mark.anyio
+async def test_file_system_calls_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 8: open_image's open/fstat and extract's mkdir, creates, config
+    writes, link and unlink ran on the event loop thread."""
+    loop_thread = threading.get_ident()
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(3 * CLUSTER_SIZE))
+    calls: list[tuple[str, str, bool]] = []
+
+    def spy(name: str) -> None:
+        real = getattr(os, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            what = os.fsdecode(args[0]) if args and isinstance(args[0], (str, Path)) else ""
+            calls.append((name, what, threading.get_ident() == loop_thread))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, wrapper)
+
+    for name in ("open", "mkdir", "link", "unlink", "rmdir"):
+        spy(name)
+    await create_archive(tmp_path / "a.vma", [("d", disk)], configs=[("c.conf", b"c")])
+    await extract_archive(tmp_path / "a.vma", tmp_path / "out")
+    (tmp_path / "cut.vma").write_bytes((tmp_path / "a.vma").read_bytes()[:-4096])
+    with pytest.raises(FormatError):
+        await extract_archive(tmp_path / "cut.vma", tmp_path / "out2")
+    monkeypatch.undo()
+    ours = {str(disk), "c.conf", "tmp-disk-d.raw", "disk-d.raw", str(tmp_path / "out")}
+    ours |= {str(tmp_path / "out2")}
+    mine = [(name, what, on_loop) for name, what, on_loop in calls if what in ours]
+    assert {name for name, _, _ in mine} == {"open", "mkdir", "link", "unlink", "rmdir"}
+    assert [(name, what) for name, what, on_loop in mine if on_loop] == []
+    assert (tmp_path / "out" / "disk-d.raw").read_bytes() == disk.read_bytes()
+    assert not (tmp_path / "out2").exists()

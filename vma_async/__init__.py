@@ -30,26 +30,19 @@ from ._format import (
     DeviceInfo,
     ExtentHeader,
 )
-from ._images import (
-    ExtractResult,
-    Image,
-    RateLimiter,
-    ThrottledSink,
-    backup_image,
-    create_archive,
-    extract_archive,
-    open_image,
-    read_restore_map,
-)
+from ._backup import Image, backup_image, create_archive, open_image
+from ._extract import ExtractResult, extract_archive
 from ._nbd_client import NbdClient, list_nbd_exports
 from ._nbd_server import NbdExport, serve_nbd
+from ._serve import serve_archive
 from ._nbd_sink import NbdSink
 from ._parser import DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback
 from ._qemu import QEMU_FORMATS, QemuImage, probe_format
 from ._reader import DeviceView, ReadProgress, VmaReader
 from ._repack import repack_archive
-from ._restore_map import RestoreMapEntry, parse_restore_map
+from ._restore_map import RestoreMapEntry, parse_restore_map, read_restore_map
+from ._sink_wrappers import RateLimiter, SinkWrapper, ThrottledSink
 from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
 from ._compress import CompressingTarget
 from ._s3 import S3Source, S3Target, S3TargetStats
@@ -105,6 +98,7 @@ __all__ = [
     "Image",
     "RateLimiter",
     "RestoreMapEntry",
+    "SinkWrapper",
     "ThrottledSink",
     "backup_image",
     "create_archive",
@@ -121,5 +115,6 @@ __all__ = [
     "list_nbd_exports",
     "NbdExport",
     "serve_nbd",
+    "serve_archive",
     *_error_names,
 ]

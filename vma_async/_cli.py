@@ -42,13 +42,12 @@ from . import (
     DeviceInfo,
     DigestRecorder,
     FormatError,
-    ReadProgress,
+    Progress,
     ReadSummary,
     RestoreMapEntry,
     SourceError,
     VmaError,
     VmaReader,
-    WriterStatus,
     __version__,
     create_archive,
     digest_path,
@@ -373,6 +372,12 @@ def _emit(stream: TextIO, text: str) -> None:
     stream.flush()
 
 
+async def _emit_off_loop(stream: TextIO, text: str) -> None:
+    """:func:`_emit` in a worker thread: stdout may be a pipe whose reader is
+    slow, and a blocked write must not stall the restore or backup."""
+    await anyio.to_thread.run_sync(_emit, stream, text)
+
+
 def _ctime_text(ctime: int) -> str:
     try:
         return time.ctime(ctime) + "\n"
@@ -550,32 +555,38 @@ class ReadReporter:
     The reference prints a line whenever the integer percentage of clusters
     read changes, checked after every cluster, starting from 0 (so "0%" is
     never printed), against the sum of ``size // 65536`` over the devices it
-    counts.  The reader may report less often than per cluster; every
-    cluster in between is replayed so the same lines come out.
+    counts.  The reader reports once per batch (a :class:`Progress`); the
+    clusters are ``done_bytes // 65536`` and every cluster in between is
+    replayed so the same lines come out.  Output goes through a worker thread
+    (the bar: only when a redraw is due).
     """
 
-    def __init__(
-        self, mode: str, walked: Sequence[DeviceInfo], counted: Sequence[DeviceInfo], label: str
-    ) -> None:
+    def __init__(self, mode: str, counted: Sequence[DeviceInfo], label: str) -> None:
         self._mode = mode
         self._cluster_count = sum(dev.size // CLUSTER_SIZE for dev in counted)
         self._clusters = 0
         self._percent = 0
         self._start = time.time()
-        # The bar counts every cluster walked, partial last ones included, so it ends at 100 %.
-        self._bar_total = sum(dev.cluster_count for dev in walked) * CLUSTER_SIZE
         self._bar = ProgressBar(sys.stderr, label) if mode == "bar" else None
+        self._bar_due = 0.0
 
-    def __call__(self, progress: ReadProgress) -> None:
+    async def __call__(self, progress: Progress) -> None:
+        read = progress.done_bytes // CLUSTER_SIZE
         if self._bar is not None:
-            done = progress.clusters_read * CLUSTER_SIZE
-            self._bar.update(done, max(done, self._bar_total))
+            # The bar counts every cluster walked, partial last ones included,
+            # so it ends at 100 %.
+            now = time.monotonic()
+            if now >= self._bar_due or progress.done_bytes >= progress.total_bytes:
+                self._bar_due = now + 0.1
+                parts = [(d.name, d.done_bytes, d.total_bytes) for d in progress.devices]
+                done, total = progress.done_bytes, max(progress.done_bytes, progress.total_bytes)
+                await anyio.to_thread.run_sync(self._bar.update, done, total, parts)
             return
         if self._mode != "lines" or not self._cluster_count:
             return
         duration = int(time.time() - self._start)
         out = []
-        for clusters in range(self._clusters + 1, progress.clusters_read + 1):
+        for clusters in range(self._clusters + 1, read + 1):
             percent = clusters * 100 // self._cluster_count
             if percent != self._percent:
                 out.append(
@@ -583,9 +594,9 @@ class ReadReporter:
                     f" duration {duration} sec)\n"
                 )
                 self._percent = percent
-        self._clusters = max(self._clusters, progress.clusters_read)
+        self._clusters = max(self._clusters, read)
         if out:
-            _emit(sys.stdout, "".join(out))
+            await _emit_off_loop(sys.stdout, "".join(out))
 
     def finish(self, summary: ReadSummary) -> None:
         if self._bar is not None:
@@ -636,7 +647,7 @@ async def cmd_verify(opts: Options) -> int:
         if opts.verbose and not opts.quiet:
             _emit(sys.stdout, content_lines(header))
         devices = header.devices
-        reporter = ReadReporter(_progress_mode(opts), devices, devices, "verify")
+        reporter = ReadReporter(_progress_mode(opts), devices, "verify")
         try:
             if sidecar is not None:
                 summary = await verify_with_digest(reader, sidecar, progress=reporter)
@@ -658,16 +669,16 @@ async def cmd_extract(opts: Options) -> int:
     def announce(path: str, size: int) -> None:
         _emit(sys.stdout, f"DEVINFO {path} {size}\n")
 
-    def on_progress(progress: ReadProgress) -> None:
+    async def on_progress(progress: Progress) -> None:
         if reporter is not None:
-            reporter(progress)
+            await reporter(progress)
 
     restore_map: Callable[[ArchiveHeader], Awaitable[Mapping[str, RestoreMapEntry]]] | None = None
     if opts.restore_map is not None:
         map_path = opts.restore_map
 
         async def read_map(header: ArchiveHeader) -> Mapping[str, RestoreMapEntry]:
-            _emit(sys.stdout, content_lines(header))
+            await _emit_off_loop(sys.stdout, content_lines(header))
             return await read_restore_map(map_path)
 
         restore_map = read_map
@@ -676,7 +687,7 @@ async def cmd_extract(opts: Options) -> int:
         nonlocal reporter
         # The reference's extract counts only disks in its percentage.
         disks = [dev for dev in header.devices if not dev.is_vmstate]
-        reporter = ReadReporter(mode, header.devices, disks, "extract")
+        reporter = ReadReporter(mode, disks, "extract")
         return await restore_map(header) if restore_map is not None else None
 
     try:
@@ -685,7 +696,7 @@ async def cmd_extract(opts: Options) -> int:
             targetdir,
             restore_map=start,
             announce=announce,
-            progress=on_progress,
+            progress=on_progress if mode != "none" else None,
             devices=opts.drives,
             image_format=opts.image_format,
         )
@@ -747,19 +758,24 @@ async def cmd_create(opts: Options) -> int:
     mode = _progress_mode(opts)
     bar = ProgressBar(sys.stderr, "create") if mode == "bar" else None
     last_percent = -1
+    bar_due = 0.0
 
-    def on_progress(status: WriterStatus) -> None:
-        nonlocal last_percent
-        total = sum(s.size for s in status.streams)
-        done = sum(s.transferred for s in status.streams)
+    async def on_progress(progress: Progress) -> None:
+        # Once per 4 MiB chunk (never per cluster; not at all under --quiet).
+        # Sizes are device bytes walked, in whole clusters.
+        nonlocal last_percent, bar_due
+        done, total = progress.done_bytes, progress.total_bytes
         if bar is not None:
-            parts = [(s.name, s.transferred, s.size) for s in status.streams]
-            bar.update(done, total, parts)
+            now = time.monotonic()
+            if now >= bar_due or done >= total:
+                bar_due = now + 0.1
+                parts = [(d.name, d.done_bytes, d.total_bytes) for d in progress.devices]
+                await anyio.to_thread.run_sync(bar.update, done, total, parts)
         elif mode == "lines" and total:
             percent = done * 100 // total
             if percent != last_percent:
-                zeros = sum(s.zero_bytes for s in status.streams)
-                _emit(sys.stderr, f"progress {percent}% {done}/{total} {zeros}\n")
+                line = f"progress {percent}% {done}/{total} {progress.zero_bytes}\n"
+                await _emit_off_loop(sys.stderr, line)
                 last_percent = percent
 
     try:
@@ -767,7 +783,7 @@ async def cmd_create(opts: Options) -> int:
             target,
             devices,
             configs=configs,
-            progress=on_progress,
+            progress=on_progress if mode != "none" else None,
             size_multiple=512,
             uuid=opts.uuid,
             ctime=opts.ctime,

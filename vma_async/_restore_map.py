@@ -14,14 +14,20 @@ that device: its data is still read past, since the archive usually arrives
 as a stream.  The parser keeps the reference's messages word for word, so an
 operator who knows ``vma`` recognises them; what the reference leaves to QEMU's
 block layer (formats, cache modes, throttle limits) is checked here too, with
-the messages QEMU would give.
+the messages QEMU would give.  :func:`read_restore_map`, at the end, is the
+one I/O part: reading a map from a file or a FIFO without blocking the loop.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
 
 from ._errors import RestoreMapError
 from ._qemu import QEMU_FORMATS
@@ -33,6 +39,7 @@ __all__ = [
     "RestoreMapEntry",
     "map_is_complete",
     "parse_restore_map",
+    "read_restore_map",
 ]
 
 CACHE_MODES = frozenset({"none", "off", "writeback", "writethrough", "directsync", "unsafe"})
@@ -161,3 +168,64 @@ def map_is_complete(text: str) -> bool:
         if line in ("\n", "done\n"):
             return True
     return False
+
+
+# --- reading a map from a file or FIFO (the module's one I/O part) ---------------------------
+
+
+async def read_restore_map(path: str | os.PathLike[str]) -> dict[str, RestoreMapEntry]:
+    """Read and parse a restore map from a file or a FIFO.
+
+    A FIFO is read non-blocking through the event loop (its writer may keep it
+    open after ``done``, so reading stops at the terminator); a regular file
+    is read in a worker thread.  The ``open`` (non-blocking, so a FIFO without
+    a writer does not wait) and ``fstat`` run in a worker thread too.
+    """
+    name = os.fspath(path)
+    try:
+        fd, regular = await anyio.to_thread.run_sync(_open_map, name)
+    except OSError as exc:
+        raise RestoreMapError(f"unable to open fifo {name} - {exc.strerror}") from exc
+    try:
+        if regular:
+            data = await anyio.to_thread.run_sync(_read_all, fd)
+        else:
+            data = await _read_until_terminator(fd)
+    except OSError as exc:
+        raise RestoreMapError(f"read map failed - {exc.strerror}") from exc
+    finally:
+        if not regular:
+            anyio.notify_closing(fd)
+        os.close(fd)
+    text = data.decode("utf-8", "surrogateescape")
+    return parse_restore_map(text.splitlines(keepends=True))
+
+
+def _open_map(name: str) -> tuple[int, bool]:
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return fd, stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _read_until_terminator(fd: int) -> bytes:
+    data = bytearray()
+    while not map_is_complete(data.decode("utf-8", "surrogateescape")):
+        await anyio.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)

@@ -54,7 +54,7 @@ from vma_async import (
     VmaReader,
     VmaWriter,
 )
-from vma_async._images import extract_archive
+from vma_async import extract_archive
 
 pytestmark = pytest.mark.anyio
 

@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from vma_async._nbd_sink import NbdSink
 
 MiB = 1 << 20
 CLUSTER = 65536
-pytestmark = pytest.mark.anyio
+VMA = str(Path(sys.executable).with_name("vma"))
 
 
 def disk_bytes(seed: int, size: int) -> bytes:
@@ -99,6 +100,7 @@ async def make_archive(tmp_path: Path, images: dict[str, bytes], name: str = "a.
 # --- restore: new images ------------------------------------------------------------
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vdi"])
 async def test_extract_into_new_images(tmp_path: Path, disks: dict[str, bytes], fmt: str) -> None:
     archive = await make_archive(tmp_path, disks)
@@ -112,6 +114,7 @@ async def test_extract_into_new_images(tmp_path: Path, disks: dict[str, bytes], 
     assert open_fds() == before
 
 
+@pytest.mark.anyio
 async def test_new_qcow2_stays_sparse(tmp_path: Path) -> None:
     """Zero clusters of the archive are never written: the qcow2 allocates
     only what holds data."""
@@ -128,6 +131,7 @@ async def test_new_qcow2_stays_sparse(tmp_path: Path) -> None:
 # --- restore: existing volumes of a restore map ----------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_map_with_raw_and_qcow2_targets(tmp_path: Path, disks: dict[str, bytes]) -> None:
     """Proxmox's map: one raw volume, one pre-allocated qcow2 full of old data
     with write-zero 1 (so zero blocks must overwrite it), throttled and cached."""
@@ -153,6 +157,7 @@ async def test_map_with_raw_and_qcow2_targets(tmp_path: Path, disks: dict[str, b
     assert virtual_disk(qcow2_target, "qcow2") == disks["drive-virtio1"]
 
 
+@pytest.mark.anyio
 async def test_map_without_write_zero_leaves_old_data(tmp_path: Path) -> None:
     """``0:`` means the volume reads zeros already: zero runs are not written
     (the reference's rule), so old data shows where the disk had zeros."""
@@ -173,6 +178,7 @@ async def test_map_without_write_zero_leaves_old_data(tmp_path: Path) -> None:
         ("small", r"vma_reader_register_bs for stream d failed - unexpected size 65536 != 131072"),
     ],
 )
+@pytest.mark.anyio
 async def test_map_target_errors(tmp_path: Path, make: str, message: str) -> None:
     (tmp_path / "d.raw").write_bytes(os.urandom(2 * CLUSTER))
     await create_archive(tmp_path / "a.vma", [("d", tmp_path / "d.raw")])
@@ -192,6 +198,7 @@ async def test_map_target_errors(tmp_path: Path, make: str, message: str) -> Non
     assert qemu_children() == []
 
 
+@pytest.mark.anyio
 async def test_unknown_format_refused_before_anything(tmp_path: Path) -> None:
     (tmp_path / "d.raw").write_bytes(os.urandom(CLUSTER))
     await create_archive(tmp_path / "a.vma", [("d", tmp_path / "d.raw")])
@@ -205,6 +212,7 @@ async def test_unknown_format_refused_before_anything(tmp_path: Path) -> None:
 # --- faults -------------------------------------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_qemu_nbd_killed_mid_restore(tmp_path: Path) -> None:
     """SIGKILL to qemu-nbd after the first batch: the restore fails naming
     qemu-nbd's death; the new image and the directory are removed."""
@@ -231,6 +239,7 @@ async def test_qemu_nbd_killed_mid_restore(tmp_path: Path) -> None:
     assert open_fds() == fds
 
 
+@pytest.mark.anyio
 async def test_cancelled_restore_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "d.raw").write_bytes(os.urandom(16 * MiB))
     await create_archive(tmp_path / "a.vma", [("d", tmp_path / "d.raw")])
@@ -264,6 +273,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.mark.anyio
 async def test_full_disk_under_the_image(tmp_path: Path, small_tmpfs: Path) -> None:
     (tmp_path / "d.raw").write_bytes(os.urandom(12 * MiB))
     await create_archive(tmp_path / "a.vma", [("d", tmp_path / "d.raw")])
@@ -275,6 +285,7 @@ async def test_full_disk_under_the_image(tmp_path: Path, small_tmpfs: Path) -> N
     assert open_fds() == fds
 
 
+@pytest.mark.anyio
 async def test_sink_refuses_an_existing_image(tmp_path: Path) -> None:
     """A sink that creates an image never replaces one."""
     (tmp_path / "d.raw").write_bytes(os.urandom(CLUSTER))
@@ -289,6 +300,7 @@ async def test_sink_refuses_an_existing_image(tmp_path: Path) -> None:
 # --- backup from any format ----------------------------------------------------------------
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vdi"])
 @pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "probed"])
 async def test_backup_from_image_stores_the_virtual_disk(
@@ -302,3 +314,148 @@ async def test_backup_from_image_stores_the_virtual_disk(
     assert stream.size == len(data)
     await extract_archive(tmp_path / "a.vma", tmp_path / "out")
     assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == data
+
+
+# --- the vma command (subprocess) ----------------------------------------------------------
+
+
+def vma(*args: str | Path, cwd: Path, status: int = 0, **env: str) -> str:
+    result = subprocess.run(
+        [VMA, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        env={**os.environ, **env},
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == status, result.stderr.decode()
+    return result.stderr.decode() if status else result.stdout.decode()
+
+
+def test_proxmox_restore_flow_with_qcow2_volumes(tmp_path: Path) -> None:
+    """qmrestore's pipeline: ``zstd -q -d -c ARCHIVE | vma extract -v -r FIFO - TMPDIR``;
+    the map is written only after the ``CTIME:`` line, when the config is on
+    disk, into a raw and a qcow2 volume allocated beforehand (the qcow2 holds
+    old data, so its ``1:`` line must write the zeros too)."""
+    images = {
+        "drive-scsi0": disk_bytes(4, 2 * MiB + 512),
+        "drive-virtio1": disk_bytes(5, 3 * MiB + CLUSTER),
+    }
+    for name, data in images.items():
+        (tmp_path / f"{name}.raw").write_bytes(data)
+    (tmp_path / "qemu-server.conf").write_text("name: vm100\nscsi0: local:100/vm-100-disk-0.raw\n")
+    vma(
+        "create",
+        "exec:zstd -q -o a.vma.zst",
+        "-c",
+        "qemu-server.conf",
+        *(f"{name}={name}.raw" for name in images),
+        cwd=tmp_path,
+    )
+    raw_volume = tmp_path / "vm-100-disk-0.raw"
+    raw_volume.write_bytes(b"\x55" * len(images["drive-scsi0"]))
+    qcow2_volume = write_image(
+        tmp_path / "vm-100-disk-1.qcow2", "qcow2", b"\xaa" * len(images["drive-virtio1"])
+    )
+    fifo = tmp_path / "map.fifo"
+    os.mkfifo(fifo)
+    restore_dir = tmp_path / "restore"
+    pipeline = subprocess.Popen(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            f"zstd -q -d -c a.vma.zst | '{VMA}' extract -v -r map.fifo - restore",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert pipeline.stdout is not None
+        seen = []
+        for line in pipeline.stdout:
+            seen.append(line.decode())
+            if line.startswith(b"CTIME:"):
+                break
+        assert seen[0] == "CFG: size: 47 name: qemu-server.conf\n"
+        assert seen[1].startswith("DEV: dev_id=1 size: 2097664 devname: drive-scsi0")
+        assert (restore_dir / "qemu-server.conf").read_text().startswith("name: vm100")
+        with open(fifo, "w") as map_file:
+            map_file.write(
+                f"format=raw:1:drive-scsi0={raw_volume}\n"
+                "throttling.bps=104857600:throttling.group=local:format=qcow2:1:"
+                f"drive-virtio1={qcow2_volume}\n"
+                "done\n"
+            )
+        rest = pipeline.stdout.read().decode()
+        assert pipeline.wait(timeout=120) == 0, pipeline.stderr.read() if pipeline.stderr else ""
+    finally:
+        if pipeline.poll() is None:
+            pipeline.kill()
+            pipeline.wait()
+        for stream in (pipeline.stdout, pipeline.stderr):
+            if stream is not None:
+                stream.close()
+    assert "total bytes read" in rest
+    assert raw_volume.read_bytes() == images["drive-scsi0"]
+    assert virtual_disk(qcow2_volume, "qcow2") == images["drive-virtio1"]
+    assert qemu_children() == []
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vdi"])
+def test_vma_create_from_images_both_syntaxes(tmp_path: Path, fmt: str) -> None:
+    """``-d format=FMT:NAME=PATH`` and the positional (probed) form store the
+    virtual disk; ``vma extract`` gives it back byte for byte."""
+    data = disk_bytes(6, 2 * MiB + 3 * 512)
+    write_image(tmp_path / f"disk.{fmt}", fmt, data)
+    (tmp_path / "plain.raw").write_bytes(data[:CLUSTER])
+    vma("create", "d.vma", "-d", f"format={fmt}:drive-scsi0=disk.{fmt}", "-d",
+        "format=raw:plain.raw", cwd=tmp_path)  # fmt: skip
+    vma("create", "p.vma", f"drive-scsi0=disk.{fmt}", "plain.raw", cwd=tmp_path)
+    for archive in ("d", "p"):
+        vma("extract", f"{archive}.vma", archive, cwd=tmp_path)
+        assert (tmp_path / archive / "disk-drive-scsi0.raw").read_bytes() == data
+        assert (tmp_path / archive / "disk-disk1.raw").read_bytes() == data[:CLUSTER]
+
+
+def test_vma_extract_format_from_zstd(tmp_path: Path) -> None:
+    data = disk_bytes(7, 3 * MiB)
+    (tmp_path / "d.raw").write_bytes(data)
+    vma("create", "exec:zstd -q -o a.vma.zst", "drive-scsi0=d.raw", cwd=tmp_path)
+    out = vma("extract", "--format", "qcow2", "a.vma.zst", "out", cwd=tmp_path)
+    assert out == "DEVINFO out/tmp-disk-drive-scsi0.qcow2 3145728\n"
+    assert os.listdir(tmp_path / "out") == ["disk-drive-scsi0.qcow2"]
+    assert virtual_disk(tmp_path / "out" / "disk-drive-scsi0.qcow2", "qcow2") == data
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["create", "a.vma", "-d", "format=qcow2:x.qcow2", "y.raw"],
+         "vma: Unexpected extra argument - specify all devices via '-d' (archive a.vma)"),
+        (["create", "a.vma", "-d", "drive-scsi0=x.qcow2"],
+         "vma: No format specified for device: 'drive-scsi0=x.qcow2' (archive a.vma)"),
+        (["create", "a.vma", "-d", "format=qcow2"],
+         "vma: read map failed - option 'format' not terminated ('format=qcow2') (archive a.vma)"),
+        (["extract", "--format", "qcow3", "a.vma", "out"],
+         "vma: --format: unknown image format 'qcow3'"
+         " (one of qcow2, qed, raw, vdi, vhdx, vmdk, vpc)"),
+        (["extract", "--format", "qcow2", "-r", "map", "a.vma", "out"],
+         "vma: --format makes new images; with -r the map's format= gives each target's"),
+    ],
+)  # fmt: skip
+def test_vma_format_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    stderr = vma(*args, cwd=tmp_path, status=1)
+    assert stderr.splitlines()[0] == message
+    assert not (tmp_path / "a.vma").exists()
+
+
+def test_missing_qemu_names_the_package(tmp_path: Path) -> None:
+    write_image(tmp_path / "d.qcow2", "qcow2", bytes(CLUSTER))
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    stderr = vma("create", "a.vma", "d.qcow2", cwd=tmp_path, status=1, PATH=str(empty))
+    assert "qemu-nbd not found: install the Debian package qemu-utils" in stderr
+    assert not (tmp_path / "a.vma").exists()

@@ -217,6 +217,7 @@ class QemuNbdServer:
     ) -> None:
         self._process = process
         self._directory: str | None = directory
+        self._serving = False
         self.socket_path = socket_path
         self.path = path
 
@@ -330,6 +331,7 @@ class QemuNbdServer:
             await stream.aclose()
             raise
         if greeting:
+            self._serving = True
             return True
         await stream.aclose()
         with anyio.move_on_after(STOP_GRACE):
@@ -342,15 +344,19 @@ class QemuNbdServer:
         ``graceful``: the client has sent ``NBD_CMD_DISC``, so qemu-nbd is
         closing the image and exits by itself; it gets :data:`STOP_GRACE`
         seconds to do so.  Then (or at once when not graceful) SIGTERM, which
-        also closes the image cleanly, and after another grace period SIGKILL.
-        Runs shielded from cancellation: a child is never left behind.
+        also closes the image cleanly, and after another grace period SIGKILL
+        (at once if it never started serving).  Runs shielded from
+        cancellation: a child is never left behind.
         """
         process = self._process
         with anyio.CancelScope(shield=True):
             if graceful:
                 with anyio.move_on_after(STOP_GRACE):
                     await process.wait()
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            # qemu-nbd ignores SIGTERM until its main loop runs: before it
+            # greeted us it has written nothing, and SIGKILL is the only way.
+            signals = (signal.SIGTERM, signal.SIGKILL) if self._serving else (signal.SIGKILL,)
+            for sig in signals:
                 if process.returncode is not None:
                     break
                 with contextlib.suppress(ProcessLookupError):

@@ -18,6 +18,7 @@ reference dies with status 133 from ``g_error``; see ``docs/cli.md``).
 from __future__ import annotations
 
 import difflib
+import functools
 import getopt
 import json
 import os
@@ -26,6 +27,7 @@ import signal
 import sys
 import time
 import traceback
+import urllib.parse
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ from . import (
     read_digest_file,
     read_restore_map,
     repack_archive,
+    serve_archive,
     verify_with_digest,
     write_digest_file,
 )
@@ -70,6 +73,7 @@ vma create <filename> [create options] -d format=<format>:<device name>=<path> [
 vma extract <filename> [-v] [-d <drive-list>] [-r <fifo> | --format <format>] <targetdir>
 vma verify <filename> [-v] [--digest PATH]
 vma repack <filename> <newfile> [--uuid UUID] [--ctime EPOCH]
+vma serve <filename> [--socket PATH | --listen [HOST:]PORT]
 
 'vma COMMAND --help' explains a command, with examples; 'vma --version' prints the version.
 """
@@ -201,6 +205,25 @@ Examples:
   zstd -d vzdump-qemu-100.vma.zst -o /tmp/in.vma
   vma repack /tmp/in.vma canonical.vma --uuid 6f1c0a3e-0000-4000-8000-000000000100
 """,
+    "serve": """\
+vma serve FILE [--socket PATH | --listen [HOST:]PORT]
+
+Export every disk of an uncompressed archive (a file or block device)
+read-only over NBD, under its device name, until SIGINT or SIGTERM (exit 0;
+the socket file is removed).  Once it listens, prints one NBD URI per disk
+on stdout.  Any NBD client reads them: qemu-img, nbdcopy, nbdinfo,
+guestfish.  Zero and absent clusters show as holes in block status.
+  --socket PATH          a Unix socket (mode 0600; never replaces a file)
+  --listen [HOST:]PORT   TCP (HOST defaults to 127.0.0.1: local only)
+Without either: TCP on 127.0.0.1:10809, the NBD port.  A compressed
+archive is refused: decompress it first (zstd -d backup.vma.zst).
+
+Examples:
+  vma serve backup.vma --socket /run/vma.sock
+  nbdinfo --list 'nbd+unix:///?socket=/run/vma.sock'
+  qemu-img convert -O qcow2 'nbd+unix:///drive-scsi0?socket=/run/vma.sock' disk.qcow2
+  nbdcopy nbd://127.0.0.1/drive-scsi0 - | sha256sum
+""",
 }
 
 _SHORT_OPTIONS = {
@@ -210,6 +233,7 @@ _SHORT_OPTIONS = {
     "extract": "hvd:r:",
     "verify": "hv",
     "repack": "h",
+    "serve": "h",
 }
 _COMMON_LONG = ["quiet", "debug", "help"]
 _LONG_OPTIONS = {
@@ -218,6 +242,7 @@ _LONG_OPTIONS = {
     "extract": [*_COMMON_LONG, "format="],
     "verify": [*_COMMON_LONG, "digest="],
     "repack": [*_COMMON_LONG, "uuid=", "ctime="],
+    "serve": [*_COMMON_LONG, "socket=", "listen="],
 }
 _ARGUMENTS = {
     "list": "FILE",
@@ -226,6 +251,7 @@ _ARGUMENTS = {
     "extract": "FILE and TARGETDIR",
     "verify": "FILE",
     "repack": "FILE and NEWFILE",
+    "serve": "FILE",
 }
 
 
@@ -253,6 +279,8 @@ class Options:
     reproducible: bool = False
     digest: bool = False
     digest_path: str | None = None
+    socket: str | None = None
+    listen: tuple[str, int] | None = None
 
 
 def parse_args(argv: Sequence[str]) -> Options | str:
@@ -323,7 +351,13 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             configs.append(value)
         elif flag == "-c":
             opts.config = value
+        elif flag == "--socket":
+            opts.socket = value
+        elif flag == "--listen":
+            opts.listen = _listen_address(value)
     opts.configs = tuple(configs)
+    if opts.socket is not None and opts.listen is not None:
+        raise UsageError("serve takes --socket or --listen, not both")
     if opts.restore_map is not None and opts.image_format != "raw":
         raise UsageError("--format makes new images; with -r the map's format= gives each target's")
     wanted = {"extract": 2, "repack": 2, "create": -1}.get(command, 1)
@@ -821,6 +855,50 @@ async def cmd_repack(opts: Options) -> int:
     return 0
 
 
+def _listen_address(value: str) -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``; the host defaults to 127.0.0.1."""
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen: expected [HOST:]PORT, not '{value}'")
+    return host, int(port)
+
+
+def _nbd_uri(address: str | tuple[str, int], name: str) -> str:
+    export = urllib.parse.quote(name)
+    if isinstance(address, str):  # "unix:PATH"
+        return f"nbd+unix:///{export}?socket={address.removeprefix('unix:')}"
+    host, port = address
+    return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{export}"
+
+
+async def cmd_serve(opts: Options) -> int:
+    archive = opts.args[0]
+    async with await VmaReader.open(archive) as reader:
+        names = [dev.name for dev in reader.header.devices if not dev.is_vmstate]
+    host, port = opts.listen or ("127.0.0.1", 10809)
+    serve = (
+        functools.partial(serve_archive, archive, unix_socket=opts.socket)
+        if opts.socket is not None
+        else functools.partial(serve_archive, archive, host=host, port=port)
+    )
+    # The signals are caught before the socket exists, so a stop request
+    # always takes the path that removes it.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            async with anyio.create_task_group() as tg:
+                address = await tg.start(serve)
+                _emit(sys.stdout, "".join(f"{_nbd_uri(address, name)}\n" for name in names))
+                async for _ in signals:
+                    break
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # a refused archive or socket: one line, no traceback
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Options], Awaitable[int]]] = {
     "list": cmd_list,
     "config": cmd_config,
@@ -828,6 +906,7 @@ COMMANDS: dict[str, Callable[[Options], Awaitable[int]]] = {
     "extract": cmd_extract,
     "verify": cmd_verify,
     "repack": cmd_repack,
+    "serve": cmd_serve,
 }
 
 

@@ -4,6 +4,7 @@ progress bar that fits the terminal and clears its line on ^C."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import select
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vma_async._cli import USAGE, fit_progress_line
+from vma_async._cli import USAGE, ProgressBar, fit_progress_line
 
 VMA = [sys.executable, "-m", "vma_async"]
 
@@ -175,3 +176,20 @@ def test_ctrl_c_clears_the_bar_line_and_every_draw_fits_80_columns(tmp_path: Pat
     draws = [piece.removesuffix("\x1b[K") for piece in text.split("\r")[1:-1]]
     assert draws
     assert all(len(draw) <= 79 for draw in draws), draws
+
+
+def test_the_eta_comes_from_bytes_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the device walked (its holes are free) but a tenth of the data read:
+    the estimate follows the reading, not the walking."""
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("COLUMNS", "120")
+    stream = io.StringIO()
+    bar = ProgressBar(stream, "create")
+    mib = 1 << 20
+    bar.update(500 * mib, 1000 * mib, read=100 * mib, read_total=1000 * mib)
+    line = stream.getvalue()
+    assert " 10.0%" in line
+    assert "ETA 1:30" in line  # 900 MiB left at 10 MiB/s; walked bytes would say 0:10
+    bar.clear()
+    assert stream.getvalue().endswith("\r\x1b[K")

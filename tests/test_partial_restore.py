@@ -15,6 +15,7 @@ import pytest
 
 from vma_async import (
     CLUSTER_SIZE,
+    DuplicateClusterError,
     RestoreMapEntry,
     RestoreMapError,
     UnknownDeviceError,
@@ -211,3 +212,35 @@ async def test_library_devices_and_skip_entries(tmp_path: Path) -> None:
     with pytest.raises(UnknownDeviceError, match=r"no disk named 'c'.*its disks: a, b"):
         await extract_archive(archive, tmp_path / "m3", devices=["a", "c"])
     assert not (tmp_path / "m3").exists()
+
+
+@pytest.mark.anyio
+async def test_a_skipped_disk_gets_no_duplicate_cluster_check(tmp_path: Path) -> None:
+    """As in the reference: a skipped disk's clusters are read past unchecked."""
+    import vma_builder  # noqa: PLC0415 - the tests' independent encoder
+
+    a, b = _disk(20, 3), _disk(21, 2)
+    devices = {1: vma_builder.Device("a", a), 2: vma_builder.Device("b", b)}
+    entries = vma_builder.entries_for(devices)
+    entries.append(vma_builder.cluster_entry(2, 0, b, len(b)))  # b's cluster 0 again
+    archive = tmp_path / "dup.vma"
+    archive.write_bytes(
+        vma_builder.header({1: ("a", len(a)), 2: ("b", len(b))})
+        + b"".join(vma_builder.pack(entries))
+        + vma_builder.extent([])
+    )
+    with pytest.raises(DuplicateClusterError, match="found duplicated cluster 0 for stream b"):
+        await extract_archive(archive, tmp_path / "all")
+    await extract_archive(archive, tmp_path / "only-a", devices=["a"])
+    assert (tmp_path / "only-a" / "disk-a.raw").read_bytes() == a
+    target = tmp_path / "vol-a"
+    target.write_bytes(bytes(len(a)))
+    await extract_archive(
+        archive,
+        tmp_path / "mapped",
+        restore_map={
+            "a": RestoreMapEntry("a", str(target), write_zeroes=False),
+            "b": RestoreMapEntry("b", "", write_zeroes=False, skip=True),
+        },
+    )
+    assert target.read_bytes() == a

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import vma_builder
 
 from vma_async import (
     CLUSTER_SIZE,
@@ -217,8 +218,6 @@ async def test_library_devices_and_skip_entries(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_a_skipped_disk_gets_no_duplicate_cluster_check(tmp_path: Path) -> None:
     """As in the reference: a skipped disk's clusters are read past unchecked."""
-    import vma_builder  # noqa: PLC0415 - the tests' independent encoder
-
     a, b = _disk(20, 3), _disk(21, 2)
     devices = {1: vma_builder.Device("a", a), 2: vma_builder.Device("b", b)}
     entries = vma_builder.entries_for(devices)

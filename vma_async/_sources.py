@@ -1,20 +1,32 @@
 """Where an archive comes from: a path, ``-`` (stdin), an fd, or an anyio byte
-stream, decompressed on the fly when it starts with a zstd, gzip or lzop magic.
+stream; and :class:`ArchiveSource`, the interface the reader codes against.
 
-Every source hands out fresh buffers (a buffer is never reused after it was
-returned), so the extent parser can give sinks views into them without copies.
+Goal: hand the reader archive bytes in large fresh buffers, from anything a
+user can name, without ever blocking the event loop or stalling on a peer
+that is late.  Plan:
 
-* Regular files are read with ``os.pread`` in large pieces.  Their
-  :meth:`ArchiveSource.read_blocking` is cheap in a worker thread, which lets
-  the reader batch many reads into one thread hop (about 0.2 ms each here), and
-  :meth:`ArchiveSource.pread` serves random access.
-* Pipes, FIFOs and terminals are set non-blocking and waited on with
-  ``anyio.wait_readable``; the original flags are restored on close, because
-  ``O_NONBLOCK`` belongs to the open file description a parent shell shares.
+* :func:`open_source` opens a path in a worker thread (``O_NONBLOCK``, so a
+  FIFO opens at once even with no writer yet), picks the raw source by file
+  type, sniffs the first bytes and lets :mod:`._decompress` wrap the source
+  in the decompressor its magic calls for (never by file name).
+* Regular files and block devices are read with ``pread`` in large pieces;
+  their :meth:`ArchiveSource.read_blocking` is cheap in a worker thread, which
+  lets the reader batch many reads into one thread hop (about 0.2 ms each),
+  and :meth:`ArchiveSource.pread` serves random access.
+* Pipes, FIFOs, sockets and terminals are read non-blocking and waited on
+  with ``anyio.wait_readable``; the original flags are restored on close,
+  because ``O_NONBLOCK`` belongs to the open file description a parent shell
+  shares.  A FIFO's first read waits for readiness: a FIFO with no writer yet
+  reads as end of file, and is not the end of the archive.
 * anyio streams are received from and gathered into large reads.
-* zstd and gzip run in-process in a worker thread, through a bounded reader,
-  so a decompression bomb cannot inflate more than the requested read size at
-  once; lzop runs as a child process (``lzop -dc``) reading the file directly.
+
+Every source hands out fresh buffers (a buffer is never reused while a view
+of it is alive), so the extent parser can give sinks views without copies.
+
+Worst cases: a writer that never comes (the open waits, cancellably, with the
+loop free); a stream closed under the reader (a :class:`SourceError` that says
+so, never a silent end of the archive that would surface as a missing
+cluster).
 """
 
 from __future__ import annotations
@@ -24,14 +36,14 @@ import errno
 import fcntl
 import os
 import stat
-import subprocess
-import zlib
 from abc import ABC, abstractmethod
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import anyio
 import anyio.abc
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._errors import SourceError
@@ -40,62 +52,112 @@ __all__ = ["CHUNK_SIZE", "ArchiveSource", "Chunk", "SourceLike", "open_source"]
 
 READ_SIZE: Final = 4 << 20
 """Largest single read; the reader asks for about one extent (3.8 MiB)."""
-_COMPRESSED_READ: Final = 1 << 20
 CHUNK_SIZE: Final = 1 << 20
 """Read size of regular files, and the size of their recycled buffers."""
 _POOL_BUFFERS: Final = 32
 _SCRATCH_SIZE: Final = 128 << 10
 _POOL_MIN_READ: Final = 256 << 10
-_PIPE_SIZE: Final = 1 << 20
-
-ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC: Final = b"\x1f\x8b"
-LZOP_MAGIC: Final = b"\x89LZO\x00\r\n\x1a\n"
-_MAGIC_PEEK: Final = len(LZOP_MAGIC)
+PIPE_SIZE: Final = 1 << 20
+"""Pipe capacity asked for (``F_SETPIPE_SZ``): fewer, larger reads."""
+MAGIC_PEEK: Final = 9
+"""Bytes sniffed to recognise a compressor (the longest magic, lzop's)."""
 
 SourceLike = str | os.PathLike[str] | int | anyio.abc.ByteReceiveStream
 Chunk = bytes | bytearray | memoryview
 
 
 class ArchiveSource(ABC):
-    """A forward-only stream of archive bytes.
+    """A forward-only stream of archive bytes: what the reader reads from.
 
-    ``read`` returns at most ``max_bytes`` and ``b""`` only at the end; every
-    returned buffer is new and never touched again by the source.
+    Required: :meth:`read`.  Everything else has a default that suits a
+    source which can only be read forward through the event loop (an object
+    store download, a socket); override :meth:`aclose` when the source holds
+    something, and the blocking and random-access methods only when the
+    source can do better (then set :attr:`blocking` / :attr:`seekable`).
+
+    One task reads at a time.  Every buffer :meth:`read` returns is the
+    caller's: the source never writes into it again (the parser hands views
+    of it to sinks, which may keep them).
     """
 
     compression: str | None = None
-    """``"zstd"``, ``"gzip"``, ``"lzop"`` or None."""
+    """``"zstd"``, ``"gzip"``, ``"bzip2"``, ``"lzop"``, or None for raw
+    archive bytes.  Informational (``vma`` prints it); set by the
+    decompressing wrappers."""
+
     blocking: bool = False
-    """True when :meth:`read_blocking` is cheap to call in a worker thread."""
+    """True when :meth:`read_blocking` and :meth:`skip_blocking` are cheap to
+    call in a worker thread (a regular file).  The reader then batches many
+    reads and the parsing between them into one thread hop; otherwise it
+    awaits :meth:`read` on the event loop."""
+
     seekable: bool = False
-    """True when :meth:`pread` serves random access to the archive bytes."""
+    """True when :meth:`pread` and :meth:`archive_size` work: an uncompressed
+    archive in a regular file or block device.  Random access
+    (``VmaReader.open_device``) needs it."""
 
     @abstractmethod
-    async def read(self, max_bytes: int) -> bytes | bytearray | memoryview: ...
+    async def read(self, max_bytes: int) -> Chunk:
+        """Return the next 1 to ``max_bytes`` bytes, or ``b""`` at the end.
 
-    def read_blocking(self, max_bytes: int) -> bytes | bytearray | memoryview:
-        """Like :meth:`read`, from a worker thread started by anyio."""
+        Why: the parser asks for what it needs next (a header, about one
+        extent); returning less is fine, the parser asks again.  The end is
+        reported only once the input really ended: a failure, or a stream
+        closed under the reader, raises :class:`SourceError` instead.
+        Cancellation: a read that raises a cancellation should not have
+        consumed input (our own sources guarantee it; a source that cannot is
+        still safe to close).
+        """
+
+    def read_blocking(self, max_bytes: int) -> Chunk:
+        """Like :meth:`read`, called from a worker thread started by anyio.
+
+        Used only when :attr:`blocking` is True.  The default runs
+        :meth:`read` on the event loop, which is correct but gains nothing.
+        """
         return anyio.from_thread.run(self.read, max_bytes)
 
     async def skip(self, max_bytes: int) -> int:
-        """Read and drop up to ``max_bytes``; return how many (0 at the end)."""
+        """Consume and drop up to ``max_bytes``; return how many (0 at the end).
+
+        Why: verify needs no data, and a source may drop bytes more cheaply
+        than it can deliver them.  The default reads and discards.
+        """
         return len(await self.read(max_bytes))
 
     def skip_blocking(self, max_bytes: int) -> int:
-        """Like :meth:`skip`, from a worker thread started by anyio."""
+        """Like :meth:`skip`, from a worker thread (only when :attr:`blocking`)."""
         return len(self.read_blocking(max_bytes))
 
     def pread(self, offset: int, size: int) -> bytes:
-        """Read archive bytes at ``offset`` (blocking: call it in a worker thread)."""
+        """Return archive bytes at ``offset`` without moving the read position.
+
+        Blocking: called in a worker thread, only when :attr:`seekable`.
+        Random access reads extent headers and cluster data with it.  The
+        default refuses.
+        """
         raise SourceError("random access needs an uncompressed archive in a regular file")
 
     def archive_size(self) -> int:
-        """Bytes in a seekable archive (blocking)."""
+        """The archive's size in bytes (blocking; only when :attr:`seekable`)."""
         raise SourceError("random access needs an uncompressed archive in a regular file")
 
-    async def aclose(self) -> None:  # noqa: B027 - most sources have nothing to release
-        """Release the source; idempotent."""
+    async def aclose(self) -> None:  # noqa: B027 - a source may hold nothing
+        """Release what the source holds (fds it owns, child processes); idempotent.
+
+        Called exactly once by the reader, also after errors and
+        cancellation (inside a shielded scope): it must not wait for a peer.
+        The default has nothing to release.
+        """
+
+
+def stream_closed_error(exc: anyio.ClosedResourceError | anyio.BrokenResourceError) -> SourceError:
+    """The error for a stream closed under the reader: never the archive's end,
+    which would surface later as a misleading missing cluster."""
+    if isinstance(exc, anyio.ClosedResourceError):
+        return SourceError("read failed - the stream was closed while the archive was read")
+    detail = f" ({exc})" if str(exc) else ""
+    return SourceError(f"read failed - the stream was closed by an error{detail}")
 
 
 # --- raw sources -------------------------------------------------------------------------------
@@ -116,8 +178,9 @@ class _FileSource(ArchiveSource):
     blocking = True
     seekable = True
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, closefd: bool = True) -> None:
         self._fd = fd
+        self._closefd = closefd
         self._pos = 0
         self._pool: list[bytearray] = []
         self._scratch: memoryview | None = None
@@ -194,94 +257,133 @@ class _FileSource(ArchiveSource):
             raise SourceError(f"read failed - {exc.strerror}") from exc
 
     def archive_size(self) -> int:
-        return os.lseek(self._fd, 0, os.SEEK_END)
-
-    def child_stdin(self) -> int:
-        """An fd positioned at our read position, for a child process to read."""
-        os.lseek(self._fd, self._pos, os.SEEK_SET)
-        return self._fd
+        st = os.fstat(self._fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        # a block device: its size is where SEEK_END lands; put the shared offset back
+        here = os.lseek(self._fd, 0, os.SEEK_CUR)
+        try:
+            return os.lseek(self._fd, 0, os.SEEK_END)
+        finally:
+            os.lseek(self._fd, here, os.SEEK_SET)
 
     async def aclose(self) -> None:
         fd, self._fd = self._fd, -1
         null_fd, self._null_fd = self._null_fd, None
         if null_fd is not None:
             os.close(null_fd)
-        if fd >= 0:
+        if fd >= 0 and self._closefd:
             os.close(fd)
 
 
-class _PipeSource(ArchiveSource):
-    """A pipe, FIFO, socket or terminal: non-blocking reads, readiness from the loop."""
+async def read_ready(fd: int, max_bytes: int, wait: Callable[[], Awaitable[None]]) -> bytes:
+    """Up to ``max_bytes`` of what the non-blocking ``fd`` has; ``await wait()``
+    only while nothing has come yet.  A checkpoint that consumes nothing when
+    cancelled (trio's rule: a cancelled operation did not happen)."""
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    pieces: list[bytes] = []
+    have = 0
+    while have < max_bytes:
+        try:
+            data = os.read(fd, max_bytes - have)
+        except BlockingIOError:
+            if pieces:
+                break
+            try:
+                await wait()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+                raise stream_closed_error(exc) from exc
+            continue
+        except OSError as exc:
+            raise SourceError(f"read failed - {exc.strerror}") from exc
+        if not data:
+            break
+        pieces.append(data)
+        have += len(data)
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def __init__(self, fd: int) -> None:
+
+def enlarge_pipe(fd: int) -> None:
+    """Ask for a larger pipe buffer; not every fd type or limit allows it."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+class _PipeSource(ArchiveSource):
+    """A pipe, FIFO, socket or terminal: non-blocking reads, readiness from the loop.
+
+    A FIFO opened non-blocking before any writer has it open reads as end of
+    file at once, so the first read of a FIFO waits for readiness instead:
+    the kernel reports a FIFO readable only once a writer has written, or
+    has come and gone (then the end of file is real).
+    """
+
+    def __init__(self, fd: int, *, closefd: bool = True, is_fifo: bool = False) -> None:
         self._fd = fd
+        self._closefd = closefd
+        self._await_writer = is_fifo
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, self._flags | os.O_NONBLOCK)
-        if hasattr(fcntl, "F_SETPIPE_SZ"):
-            # fewer, larger reads; not every fd type or limit allows it
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        enlarge_pipe(fd)
+
+    async def _wait(self) -> None:
+        await anyio.wait_readable(self._fd)
 
     async def read(self, max_bytes: int) -> bytes:
-        max_bytes = min(max_bytes, READ_SIZE)
-        pieces: list[bytes] = []
-        have = 0
-        while have < max_bytes:
+        if self._fd < 0:
+            raise SourceError("read failed - the source is closed")
+        if self._await_writer:
             try:
-                data = os.read(self._fd, max_bytes - have)
-            except BlockingIOError:
-                if pieces:
-                    break
                 await anyio.wait_readable(self._fd)
-                continue
-            except OSError as exc:
-                raise SourceError(f"read failed - {exc.strerror}") from exc
-            if not data:
-                break
-            pieces.append(data)
-            have += len(data)
-        await anyio.lowlevel.checkpoint()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+                raise stream_closed_error(exc) from exc
+            self._await_writer = False
+        return await read_ready(self._fd, min(max_bytes, READ_SIZE), self._wait)
 
     async def aclose(self) -> None:
         fd, self._fd = self._fd, -1
-        if fd >= 0:
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, self._flags)
-            finally:
+        if fd < 0:
+            return
+        anyio.notify_closing(fd)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, self._flags)
+        finally:
+            if self._closefd:
                 os.close(fd)
 
 
 class _StreamSource(ArchiveSource):
-    """An anyio ByteReceiveStream; small receives are gathered into large reads."""
+    """An anyio ByteReceiveStream (not ours to close); small receives are
+    gathered into large reads.  Received pieces are kept on the object until
+    returned, so a cancelled read loses nothing."""
 
-    def __init__(self, stream: anyio.abc.ByteReceiveStream, owned: bool = False) -> None:
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
         self._stream = stream
-        self._owned = owned
-        self._leftover = b""
+        self._pieces: list[bytes] = []
+        self._have = 0
         self._eof = False
 
     async def read(self, max_bytes: int) -> bytes:
         max_bytes = min(max_bytes, READ_SIZE)
-        pieces = [self._leftover] if self._leftover else []
-        have = len(self._leftover)
-        while have < max_bytes and not self._eof:
+        while self._have < max_bytes and not self._eof:
             try:
-                data = await self._stream.receive(max_bytes - have)
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                data = await self._stream.receive(max_bytes - self._have)
+            except anyio.EndOfStream:
                 self._eof = True
                 break
-            except anyio.BrokenResourceError as exc:
-                raise SourceError(f"read failed - {exc}") from exc
-            pieces.append(data)
-            have += len(data)
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        self._leftover = data[max_bytes:]
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+                raise stream_closed_error(exc) from exc
+            self._pieces.append(data)
+            self._have += len(data)
+        data = b"".join(self._pieces) if len(self._pieces) != 1 else self._pieces[0]
+        rest = data[max_bytes:]
+        self._pieces = [rest] if rest else []
+        self._have = len(rest)
         return data[:max_bytes]
 
     async def aclose(self) -> None:
-        if self._owned:
-            await self._stream.aclose()
+        self._pieces = []
 
 
 class _Pushback(ArchiveSource):
@@ -292,222 +394,107 @@ class _Pushback(ArchiveSource):
         self._head = head
         self.blocking = inner.blocking
 
-    async def read(self, max_bytes: int) -> bytes | bytearray | memoryview:
+    def _take_head(self, max_bytes: int) -> bytes:
+        head, self._head = self._head[:max_bytes], self._head[max_bytes:]
+        return head
+
+    async def read(self, max_bytes: int) -> Chunk:
         if self._head:
-            head, self._head = self._head[:max_bytes], self._head[max_bytes:]
-            return head
+            await anyio.lowlevel.checkpoint()
+            return self._take_head(max_bytes)
         return await self._inner.read(max_bytes)
 
-    def read_blocking(self, max_bytes: int) -> bytes | bytearray | memoryview:
+    def read_blocking(self, max_bytes: int) -> Chunk:
         if self._head:
-            head, self._head = self._head[:max_bytes], self._head[max_bytes:]
-            return head
+            return self._take_head(max_bytes)
         return self._inner.read_blocking(max_bytes)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-# --- decompression --------------------------------------------------------------------------------
-
-
-class _RawReader:
-    """A blocking file-like view of a source, for the decompressors' pull loops.
-
-    Runs in a worker thread: a blocking source is read directly, any other is
-    read on the event loop through ``anyio.from_thread``.
-    """
-
-    def __init__(self, source: ArchiveSource) -> None:
-        self._source = source
-
-    def read(self, size: int = -1) -> bytes:
-        size = _COMPRESSED_READ if size < 0 else size
-        return bytes(self._source.read_blocking(size))
-
-    def readable(self) -> bool:
-        return True
-
-
-class _Decompressor(Protocol):
-    def read(self, size: int) -> bytes: ...
-
-
-class _GzipReader:
-    """Bounded-output gzip stream reader that also follows concatenated members
-    (pigz and ``cat a.gz b.gz`` produce them)."""
-
-    def __init__(self, raw: _RawReader) -> None:
-        self._raw = raw
-        self._z = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        self._input = b""
-        self._done = False
-
-    def read(self, size: int) -> bytes:
-        while not self._done:
-            if self._z.eof:
-                # unused_data already holds any input not yet consumed
-                self._input = self._z.unused_data
-                self._z = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                if not self._input:
-                    self._input = self._raw.read(_COMPRESSED_READ)
-                    if not self._input:
-                        self._done = True  # a clean end between members
-                        break
-            if not self._input:
-                self._input = self._raw.read(_COMPRESSED_READ)
-                if not self._input:
-                    raise SourceError("gzip decompression failed - unexpected end of data")
-            try:
-                out = self._z.decompress(self._input, size)
-            except zlib.error as exc:
-                raise SourceError(f"gzip decompression failed - {exc}") from exc
-            self._input = self._z.unused_data if self._z.eof else self._z.unconsumed_tail
-            if out:
-                return out
-        return b""
-
-
-class _DecompressingSource(ArchiveSource):
-    """zstd or gzip, decompressed in a worker thread in bounded pieces."""
-
-    blocking = True
-
-    def __init__(self, inner: ArchiveSource, compression: str) -> None:
-        self._inner = inner
-        self.compression = compression
-        raw = _RawReader(inner)
-        self._reader: _Decompressor
-        if compression == "zstd":
-            import zstandard
-
-            self._zstd_error: type[Exception] = zstandard.ZstdError
-            self._reader = zstandard.ZstdDecompressor().stream_reader(
-                raw,  # type: ignore[arg-type]  # any object with read() works
-                read_size=_COMPRESSED_READ,
-                read_across_frames=True,
-            )
-        else:
-            self._zstd_error = zlib.error
-            self._reader = _GzipReader(raw)
-
-    async def read(self, max_bytes: int) -> bytes:
-        return await anyio.to_thread.run_sync(self.read_blocking, max_bytes)
-
-    def read_blocking(self, max_bytes: int) -> bytes:
-        try:
-            return self._reader.read(min(max_bytes, READ_SIZE))
-        except self._zstd_error as exc:
-            raise SourceError(f"{self.compression} decompression failed - {exc}") from exc
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class _LzopSource(ArchiveSource):
-    """``lzop -dc`` as a child process reading the archive file directly."""
-
-    compression = "lzop"
-
-    def __init__(self, inner: ArchiveSource, process: anyio.abc.Process) -> None:
-        self._inner = inner
-        self._process = process
-        assert process.stdout is not None
-        self._out = _StreamSource(process.stdout)
-
-    async def read(self, max_bytes: int) -> bytes:
-        data = await self._out.read(max_bytes)
-        if not data:
-            status = await self._process.wait()
-            if status != 0:
-                raise SourceError(f"lzop -dc failed with exit status {status}")
-        return data
-
-    async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            if self._process.returncode is None:
-                self._process.kill()
-            await self._process.aclose()
-            await self._inner.aclose()
-
-
-async def _start_lzop(inner: ArchiveSource) -> ArchiveSource:
-    if not isinstance(inner, _FileSource):
-        raise SourceError("lzop-compressed archives can be read from files only")
-    try:
-        process = await anyio.open_process(
-            ["lzop", "-dc"], stdin=inner.child_stdin(), stdout=subprocess.PIPE
-        )
-    except OSError as exc:
-        raise SourceError(f"can't run lzop - {exc.strerror}") from exc
-    return _LzopSource(inner, process)
-
-
 # --- opening -------------------------------------------------------------------------------------
 
 
-def _open_fd(fd: int) -> ArchiveSource:
-    mode = os.fstat(fd).st_mode
+def _open_path(path: str) -> tuple[int, int]:
+    """Open ``path`` (blocking: runs in a worker thread); return fd and mode.
+
+    ``O_NONBLOCK`` makes the open of a FIFO return at once, writer or not;
+    it is cleared again on regular files and block devices.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mode
+
+
+def _source_for_fd(fd: int, mode: int, *, closefd: bool) -> ArchiveSource:
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-        return _FileSource(fd)
-    return _PipeSource(fd)
+        return _FileSource(fd, closefd=closefd)
+    return _PipeSource(fd, closefd=closefd, is_fifo=stat.S_ISFIFO(mode))
+
+
+async def _open_raw(source: SourceLike | ArchiveSource, closefd: bool) -> ArchiveSource:
+    if isinstance(source, ArchiveSource):
+        return source
+    if isinstance(source, anyio.abc.ByteReceiveStream):
+        return _StreamSource(source)
+    if isinstance(source, int) or source == "-":
+        # "-" is standard input, which stays open whatever closefd says
+        given, closefd = (0, False) if source == "-" else (int(source), closefd)
+        try:
+            mode = (await anyio.to_thread.run_sync(os.fstat, given)).st_mode
+            return _source_for_fd(given, mode, closefd=closefd)
+        except OSError as exc:
+            raise SourceError(f"can't open file {source} - {exc.strerror}") from exc
+    path = os.fspath(source)
+    try:
+        fd, mode = await anyio.to_thread.run_sync(_open_path, path)
+    except OSError as exc:
+        raise SourceError(f"can't open file {path} - {exc.strerror}") from exc
+    try:
+        return _source_for_fd(fd, mode, closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 async def _sniff(source: ArchiveSource) -> tuple[ArchiveSource, bytes]:
     """Read the first bytes to recognise a compressor; put them back."""
-    if source.seekable:  # a file or an s3:// object: peek without consuming
-        return source, await anyio.to_thread.run_sync(source.pread, 0, _MAGIC_PEEK)
+    if isinstance(source, _FileSource):
+        return source, await anyio.to_thread.run_sync(source.pread, 0, MAGIC_PEEK)
     head = b""
-    while len(head) < _MAGIC_PEEK:
-        data = bytes(await source.read(_MAGIC_PEEK - len(head)))
+    while len(head) < MAGIC_PEEK:
+        data = bytes(await source.read(MAGIC_PEEK - len(head)))
         if not data:
             break
         head += data
     return _Pushback(source, head), head
 
 
-async def open_source(source: SourceLike | ArchiveSource) -> ArchiveSource:
-    """Open ``source`` and wrap it in the decompressor its magic bytes call for.
+async def open_source(source: SourceLike | ArchiveSource, *, closefd: bool = True) -> ArchiveSource:
+    """Open ``source`` and wrap it in the decompressor its first bytes call for.
 
-    A path is opened read-only; ``"-"`` and an int fd are duplicated, so the
-    caller's descriptor stays open and usable after the reader is closed.
+    ``source`` is a path (opened here, closed by ``aclose``), ``"-"``
+    (standard input, never closed), an int fd (closed by ``aclose`` unless
+    ``closefd=False``; its offset is never moved: regular files are read with
+    ``pread``), an anyio byte stream (received from, never closed: it is the
+    caller's), or an :class:`ArchiveSource` (closed by ``aclose``).
+    On any failure, including cancellation, what was opened here is closed
+    again (an int fd too, when ``closefd`` is True).
     """
-    if isinstance(source, ArchiveSource):
-        raw = source
-    elif isinstance(source, anyio.abc.ByteReceiveStream):
-        raw = _StreamSource(source)
-    elif isinstance(source, str) and source.startswith("s3://"):
-        from ._s3 import S3Source  # needs the optional obstore package
+    from ._decompress import decompressing  # here: _decompress builds on this module
 
-        raw = await S3Source.open(source)
-    elif isinstance(source, int) or source == "-":
-        fd_in = 0 if source == "-" else source
-        assert isinstance(fd_in, int)
-        try:
-            raw = _open_fd(os.dup(fd_in))
-        except OSError as exc:
-            raise SourceError(f"can't open file {source} - {exc.strerror}") from exc
-    else:
-        path = os.fspath(source)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SourceError(f"can't open file {path} - {exc.strerror}") from exc
-        try:
-            raw = _open_fd(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+    raw = await _open_raw(source, closefd)
     try:
         sniffed, head = await _sniff(raw)
-        if head.startswith(ZSTD_MAGIC):
-            return _DecompressingSource(sniffed, "zstd")
-        if head.startswith(GZIP_MAGIC):
-            return _DecompressingSource(sniffed, "gzip")
-        if head.startswith(LZOP_MAGIC):
-            return await _start_lzop(raw)
+        return await decompressing(sniffed, head)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await raw.aclose()
         raise
-    return sniffed

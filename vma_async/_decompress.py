@@ -1,0 +1,471 @@
+"""Decompression by content: every compression vzdump writes, from any source.
+
+Goal: read ``.vma.zst`` (``zstd --threads=N``, frames with or without a
+content size, concatenated frames), ``.vma.gz`` (``gzip --rsyncable``, pigz,
+concatenated members), ``.vma.bz2`` (multi-stream, like ``bzcat``) and
+``.vma.lzo`` from a file, a pipe, standard input or an anyio stream, with
+bounded memory, cancellably, and with every error saying what went wrong.
+
+Plan:
+
+* zstd, gzip and bzip2 run in-process, in a worker thread, through pull
+  readers asked for at most one read's worth of output at a time, so a
+  decompression bomb cannot inflate more than that at once.  The compressed
+  bytes come from :class:`_ThreadInput`: straight from a blocking source (a
+  file), or, for a source read on the event loop (a pipe, a stream), from the
+  task that started the thread, which serves the thread's requests.  That
+  task is inside the caller's cancel scope, so a read stalled on a silent
+  pipe is cancellable (a thread that waited on the loop itself would not be).
+* lzop has no Python module: ``lzop -dc`` runs as a child process.  The
+  reader's own read drives it (:class:`_ChildSource`): while the child's
+  stdout has nothing, the read feeds the child's stdin from the inner source
+  (one chunk at a time: bounded memory) and drains its stderr (bounded), so
+  no task outlives a call.  The child is reaped on every exit path.
+
+Worst cases: a cancelled read leaves an in-process decompressor in an unknown
+state; the source then refuses further reads (closing it is always safe).  A
+child that fails is reported with the last line of its own stderr.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import zlib
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._errors import SourceError
+from ._sources import READ_SIZE, ArchiveSource, enlarge_pipe, read_ready
+
+__all__ = ["BZIP2_MAGIC", "GZIP_MAGIC", "LZOP_MAGIC", "ZSTD_MAGIC", "decompressing"]
+
+ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC: Final = b"\x1f\x8b"
+BZIP2_MAGIC: Final = b"BZh"
+"""Followed by the block size, a digit 1-9."""
+LZOP_MAGIC: Final = b"\x89LZO\x00\r\n\x1a\n"
+
+_COMPRESSED_READ: Final = 1 << 20
+"""Compressed bytes handed to a decompressor at once (and fed to a child)."""
+_STDERR_KEEP: Final = 4096
+"""Bytes of a child's stderr kept for its error message; the rest is drained."""
+_LZOP_OK: Final = (0, 2)
+"""lzop exit statuses that mean the output is complete (2: a warning, such as
+trailing garbage after the last member or a multipart archive)."""
+
+
+async def decompressing(source: ArchiveSource, head: bytes) -> ArchiveSource:
+    """``source`` wrapped in the decompressor its first bytes ``head`` call
+    for, or ``source`` itself when they match no compressor's magic."""
+    if head.startswith(ZSTD_MAGIC):
+        return _InProcessSource(source, "zstd")
+    if head.startswith(GZIP_MAGIC):
+        return _InProcessSource(source, "gzip")
+    if head.startswith(BZIP2_MAGIC) and head[3:4].isdigit() and head[3:4] != b"0":
+        return _InProcessSource(source, "bzip2")
+    if head.startswith(LZOP_MAGIC):
+        return await _ChildSource.start(source, ["lzop", "-dc"], "lzop", ok_status=_LZOP_OK)
+    return source
+
+
+# --- in-process decompressors --------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """Handed to a decompressor thread waiting for input when the read that
+    serves it was cancelled: it unwinds the thread."""
+
+
+class _ThreadInput:
+    """Compressed bytes for a decompressor running in a worker thread (its ``read``).
+
+    A blocking source is read directly in the thread.  Any other source is
+    read on the event loop by :meth:`run`'s task, which answers the thread's
+    requests through a queue: the waiting happens in a task the caller can
+    cancel, never in the thread.
+    """
+
+    def __init__(self, source: ArchiveSource) -> None:
+        self.source = source
+        self._requests: MemoryObjectSendStream[int] | None = None
+        self._replies: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
+        self.broken = False
+
+    def read(self, size: int = -1) -> bytes:
+        """Called by the decompressor, in the worker thread."""
+        size = _COMPRESSED_READ if size < 0 else size
+        if self.source.blocking:
+            return bytes(self.source.read_blocking(size))
+        assert self._requests is not None
+        anyio.from_thread.run_sync(self._requests.send_nowait, size)
+        reply = self._replies.get()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def readable(self) -> bool:
+        return True
+
+    async def run(self, func: Callable[[int], bytes], size: int) -> bytes:
+        """``func(size)`` in a worker thread, serving its reads from the loop."""
+        if self.broken:
+            raise SourceError("read failed - an earlier read was cancelled mid-decompression")
+        send, receive = anyio.create_memory_object_stream[int](1)
+        self._requests = send
+        error: Exception | None = None
+        result = b""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._serve, receive)
+            with send:  # closing it ends _serve once the thread is done
+                try:
+                    result = await anyio.to_thread.run_sync(func, size)
+                except _Interrupted:
+                    self.broken = True
+                    await anyio.lowlevel.checkpoint()  # the cancellation that interrupted it
+                    error = SourceError("read failed - decompression was interrupted")
+                except Exception as exc:
+                    error = exc
+        if error is not None:
+            raise error
+        return result
+
+    async def _serve(self, requests: MemoryObjectReceiveStream[int]) -> None:
+        try:
+            async with requests:
+                async for size in requests:
+                    try:
+                        self._replies.put(bytes(await self.source.read(size)))
+                    except Exception as exc:  # the thread raises it, and run() re-raises it
+                        self._replies.put(exc)
+        except BaseException:
+            # cancelled: unblock the thread (now, or at its next read)
+            self.broken = True
+            self._replies.put(_Interrupted())
+            raise
+
+
+class _Member(Protocol):
+    """One gzip member or bzip2 stream being decompressed (bz2's API)."""
+
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    @property
+    def needs_input(self) -> bool: ...
+    def decompress(self, data: bytes, max_length: int) -> bytes: ...
+
+
+class _GzipMember:
+    """zlib's decompressor behind bz2's interface (``needs_input``, input kept inside)."""
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._tail = b""
+        self.needs_input = True
+
+    @property
+    def eof(self) -> bool:
+        return self._z.eof
+
+    @property
+    def unused_data(self) -> bytes:
+        return self._z.unused_data
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        out = self._z.decompress(self._tail + data if self._tail else data, max_length)
+        self._tail = self._z.unconsumed_tail
+        # a full output may leave more inside zlib: ask again before reading
+        self.needs_input = not self._tail and len(out) < max_length
+        return out
+
+
+class _MemberReader:
+    """Bounded pull decompression of concatenated members, as zcat and bzcat
+    read them (pigz, ``cat a.gz b.gz``, pbzip2 and ``cat a.bz2 b.bz2`` write them)."""
+
+    def __init__(self, raw: _ThreadInput, new_member: Callable[[], _Member]) -> None:
+        self._raw = raw
+        self._new_member = new_member
+        self._member = new_member()
+        self._input = b""
+
+    def read(self, size: int) -> bytes:
+        while True:
+            if self._member.eof:
+                self._input = self._member.unused_data or self._raw.read(_COMPRESSED_READ)
+                if not self._input:
+                    return b""  # a clean end between members
+                self._member = self._new_member()
+            if not self._input and self._member.needs_input:
+                self._input = self._raw.read(_COMPRESSED_READ)
+                if not self._input:
+                    raise EOFError("unexpected end of data")
+            out = self._member.decompress(self._input, size)
+            self._input = b""
+            if out:
+                return out
+
+
+class _Decompressor(Protocol):
+    def read(self, size: int) -> bytes: ...
+
+
+def _pull_reader(
+    compression: str, raw: _ThreadInput
+) -> tuple[_Decompressor, tuple[type[Exception], ...]]:
+    """The pull decompressor for ``compression``, and the errors it raises."""
+    if compression == "zstd":
+        import zstandard  # imported only when a zstd archive is read
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            raw,  # type: ignore[arg-type]  # any object with read() works
+            read_size=_COMPRESSED_READ,
+            read_across_frames=True,
+        )
+        return reader, (zstandard.ZstdError,)
+    if compression == "gzip":
+        return _MemberReader(raw, _GzipMember), (zlib.error, EOFError)
+    return _MemberReader(raw, bz2.BZ2Decompressor), (OSError, EOFError, ValueError)
+
+
+class _InProcessSource(ArchiveSource):
+    """zstd, gzip or bzip2, decompressed in a worker thread in bounded pieces."""
+
+    def __init__(self, inner: ArchiveSource, compression: str) -> None:
+        self.compression = compression
+        self.blocking = inner.blocking
+        self._input = _ThreadInput(inner)
+        self._reader, self._errors = _pull_reader(compression, self._input)
+
+    async def read(self, max_bytes: int) -> bytes:
+        if self.blocking:
+            return await anyio.to_thread.run_sync(self.read_blocking, max_bytes)
+        return await self._input.run(self.read_blocking, max_bytes)
+
+    def read_blocking(self, max_bytes: int) -> bytes:
+        try:
+            return self._reader.read(min(max_bytes, READ_SIZE))
+        except self._errors as exc:
+            raise SourceError(f"{self.compression} decompression failed - {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._input.source.aclose()
+
+
+# --- a decompressor child process ----------------------------------------------------------------
+
+
+class _ChildSource(ArchiveSource):
+    """A decompressor child (``lzop -dc``) between the inner source and the reader.
+
+    Each :meth:`read` takes what the child's stdout has; while it has
+    nothing, the read feeds the child's stdin from the inner source (at most
+    one chunk pending: bounded memory) and drains its stderr, keeping the
+    first 4 KiB for the error message.  A chunk is never fetched from the
+    inner source in a part of the read that our own cancellation can cut
+    short, so no input is lost between reads.  At the end of the child's
+    output the child is reaped and its exit status checked; :meth:`aclose`
+    kills and reaps it on every other path (error, cancellation).
+    """
+
+    def __init__(
+        self,
+        inner: ArchiveSource,
+        argv: list[str],
+        compression: str,
+        ok_status: tuple[int, ...],
+        process: subprocess.Popen[bytes],
+        fds: tuple[int, int, int, int],
+    ) -> None:
+        self.compression = compression
+        self._inner = inner
+        self._name = " ".join(argv)
+        self._ok_status = ok_status
+        self._process = process
+        self._stdin, self._stdout, self._stderr, self._pidfd = fds
+        self._pending = memoryview(b"")
+        self._input_done = False
+        self._stderr_kept = bytearray()
+        self._output_ready = False
+        self._fetching = False
+        self._exit_checked = False
+
+    @classmethod
+    async def start(
+        cls, inner: ArchiveSource, argv: list[str], compression: str, ok_status: tuple[int, ...]
+    ) -> _ChildSource:
+        """Start ``argv`` with pipes for its stdin, stdout and stderr."""
+        pipes: list[int] = []
+        try:
+            for _ in range(3):
+                pipes.extend(os.pipe2(os.O_CLOEXEC))
+        except OSError as exc:
+            for fd in pipes:
+                os.close(fd)
+            raise SourceError(f"can't run {argv[0]} - {exc.strerror}") from exc
+        stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w = pipes
+        ours = (stdin_w, stdout_r, stderr_r)
+        try:
+            process = subprocess.Popen(  # noqa: ASYNC220 - fork+exec, no waiting
+                argv, stdin=stdin_r, stdout=stdout_w, stderr=stderr_w, close_fds=True
+            )
+        except OSError as exc:
+            for fd in ours:
+                os.close(fd)
+            raise SourceError(f"can't run {argv[0]} - {exc.strerror}") from exc
+        finally:
+            for fd in (stdin_r, stdout_w, stderr_w):
+                os.close(fd)
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except OSError as exc:
+            process.kill()
+            process.wait()  # killed: returns at once
+            for fd in ours:
+                os.close(fd)
+            raise SourceError(f"can't watch {argv[0]} - {exc.strerror}") from exc
+        for fd in ours:
+            os.set_blocking(fd, False)
+        enlarge_pipe(stdin_w)
+        enlarge_pipe(stdout_r)
+        return cls(inner, argv, compression, ok_status, process, (*ours, pidfd))
+
+    async def read(self, max_bytes: int) -> bytes:
+        if self._stdout < 0:
+            raise SourceError("read failed - the source is closed")
+        data = await read_ready(self._stdout, min(max_bytes, READ_SIZE), self._pump)
+        if not data:
+            await self._check_exit()
+        return data
+
+    async def _pump(self) -> None:
+        """Return once the child's stdout is readable; feed it and drain its
+        stderr meanwhile."""
+        self._output_ready = False
+        fed = anyio.Event()
+        feed_scope = anyio.CancelScope()
+        drain_scope = anyio.CancelScope()
+        feed_error: list[Exception] = []
+
+        async def feed() -> None:
+            try:
+                with feed_scope:
+                    await self._feed()
+            except Exception as exc:  # re-raised below, outside the task group
+                feed_error.append(exc)
+            finally:
+                fed.set()
+
+        async def drain() -> None:
+            with drain_scope:
+                await self._drain_stderr()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            tg.start_soon(drain)
+            await anyio.wait_readable(self._stdout)
+            self._output_ready = True
+            if not self._fetching:  # a fetch in progress ends the feed once stored
+                feed_scope.cancel()
+            await fed.wait()
+            drain_scope.cancel()
+        if feed_error:
+            raise feed_error[0]
+
+    async def _feed(self) -> None:
+        while not self._output_ready and not self._input_done:
+            if not self._pending:
+                self._fetching = True
+                try:
+                    chunk = await self._inner.read(_COMPRESSED_READ)
+                finally:
+                    self._fetching = False
+                if not chunk:
+                    self._close_stdin()  # the child sees the end of its input
+                    return
+                self._pending = memoryview(chunk).cast("B")
+                continue
+            try:
+                count = os.write(self._stdin, self._pending)
+            except BlockingIOError:
+                await anyio.wait_writable(self._stdin)
+                continue
+            except BrokenPipeError:
+                # it stopped reading (it failed): its exit status says why
+                self._close_stdin()
+                return
+            except OSError as exc:
+                raise SourceError(f"write to {self._name} failed - {exc.strerror}") from exc
+            self._pending = self._pending[count:]
+
+    def _close_stdin(self) -> None:
+        self._input_done = True
+        self._pending = memoryview(b"")
+        fd, self._stdin = self._stdin, -1
+        if fd >= 0:
+            anyio.notify_closing(fd)
+            os.close(fd)
+
+    def _read_stderr(self) -> bool:
+        """Take what the child's stderr has; False once it is at its end."""
+        while True:
+            try:
+                data = os.read(self._stderr, 65536)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            room = _STDERR_KEEP - len(self._stderr_kept)
+            self._stderr_kept += data[: max(room, 0)]
+
+    async def _drain_stderr(self) -> None:
+        while self._stderr >= 0 and self._read_stderr():
+            await anyio.wait_readable(self._stderr)
+
+    async def _wait_exit(self) -> int:
+        if self._process.returncode is None:
+            await anyio.wait_readable(self._pidfd)
+            self._process.wait()  # it has exited: returns at once
+        return self._process.returncode
+
+    async def _check_exit(self) -> None:
+        """At the end of the output: reap the child and report a failure in its words."""
+        if self._exit_checked:
+            return
+        status = await self._wait_exit()
+        self._exit_checked = True
+        if status in self._ok_status:
+            return
+        with contextlib.suppress(OSError):
+            self._read_stderr()  # it has exited: all it wrote is in the pipe
+        lines = self._stderr_kept.decode(errors="replace").strip().splitlines()
+        reason = lines[-1].strip() if lines else "no message"
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        raise SourceError(f"{self.compression} decompression failed - {reason} ({how})")
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._stdout < 0:
+                return
+            self._close_stdin()
+            if self._process.returncode is None:
+                self._process.send_signal(signal.SIGKILL)  # a no-op once it is reaped
+                await self._wait_exit()
+            fds = (self._stdout, self._stderr, self._pidfd)
+            self._stdout = self._stderr = self._pidfd = -1
+            for fd in fds:
+                anyio.notify_closing(fd)
+                os.close(fd)
+            await self._inner.aclose()

@@ -349,6 +349,16 @@ def test_error_chunks_finish_with_the_first_error_and_message() -> None:
     assert client.conn.next_event() == proto.ConnectionClosed()
 
 
+def test_a_structured_read_of_nothing_is_one_done_chunk() -> None:
+    client, server = transmitting_client()
+    cookie, header = client.conn.send_request(proto.CMD_READ, 100, 0)
+    server.conn.receive_data(header)
+    request = server.conn.next_event()
+    assert request == proto.Request(cookie, proto.CMD_READ, 0, 100, 0)
+    client.conn.receive_data(server.conn.reply_done(cookie))
+    assert client.conn.next_event() == proto.ReplyDone(cookie, 0, "")
+
+
 def test_end_of_stream_with_requests_pending_is_an_error() -> None:
     client, _ = transmitting_client()
     client.conn.send_request(proto.CMD_READ, 0, 1)

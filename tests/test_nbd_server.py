@@ -374,6 +374,7 @@ async def test_bad_requests_get_error_replies_and_the_connection_stays(tmp_path:
                     request(proto.CMD_READ, 0, 10, 4, flags=0x80),  # unknown flag
                     request(proto.CMD_TRIM, 0, 10, 5),  # read-only
                     request(proto.CMD_BLOCK_STATUS, 0, 10, 6),  # no meta context
+                    request(proto.CMD_READ, 0, 0xFFFFFFFF, 7),  # 4 GiB read
                 ],
                 start=1,
             ):
@@ -384,10 +385,15 @@ async def test_bad_requests_get_error_replies_and_the_connection_stays(tmp_path:
                 magic, error, got_cookie = struct.unpack(">IIQ", reply)
                 assert (magic, got_cookie) == (proto.SIMPLE_REPLY_MAGIC, cookie)
                 assert error in (proto.EINVAL, proto.EPERM)
+            await stream.send(request(proto.CMD_READ, 16, 0, 8))  # 0 bytes: success, no data
             await stream.send(request(proto.CMD_READ, 0, 16, 9))
             reply = b""
-            while len(reply) < 32:
+            while len(reply) < 48:
                 reply += await stream.receive()
-            assert reply == struct.pack(">IIQ", proto.SIMPLE_REPLY_MAGIC, 0, 9) + disk.data[:16]
+            assert reply == (
+                struct.pack(">IIQ", proto.SIMPLE_REPLY_MAGIC, 0, 8)
+                + struct.pack(">IIQ", proto.SIMPLE_REPLY_MAGIC, 0, 9)
+                + disk.data[:16]
+            )
             await stream.send(request(proto.CMD_DISC, 0, 0, 10))
             assert await receive_all(stream) == b""

@@ -239,6 +239,8 @@ class NbdClient:
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (pieces of at most the maximum
         payload are requested one after another)."""
+        if not length:
+            return b""
         if length <= self.max_payload:
             reply = await self._request(proto.CMD_READ, offset, length)
             return bytes(reply.data) if reply.data is not None else bytes(length)

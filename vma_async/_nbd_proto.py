@@ -1242,6 +1242,15 @@ class ServerConnection:
         structured READ (use :meth:`reply_read_error`)."""
         return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
+    def reply_done(self, cookie: int) -> bytes:
+        """Success without data: a simple reply, or the structured NONE chunk
+        (the only success a structured READ of 0 bytes can have)."""
+        if not self.structured_replies:
+            return self.reply_simple(cookie)
+        return _CHUNK_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0
+        )
+
     def reply_read_header(self, cookie: int, offset: int, length: int) -> bytes:
         """Header for a successful READ; the caller sends ``length`` data
         bytes right after it.  One chunk, final."""

@@ -349,7 +349,10 @@ class _Session:
                 if not isinstance(event, proto.Request):
                     raise NbdProtocolError(f"unexpected NBD message in transmission: {event!r}")
                 await in_flight.acquire()
-                held = await self.limits.budget.acquire(max(event.length, len(event.data)))
+                # the bytes this request holds: its write data, or the read it will
+                # answer (an oversized read is refused, so it holds nothing)
+                reads = event.command == proto.CMD_READ and event.length <= self.conn.max_payload
+                held = await self.limits.budget.acquire(event.length if reads else len(event.data))
                 tg.start_soon(self.answer, event, in_flight, held)
 
     async def answer(self, request: proto.Request, in_flight: anyio.Semaphore, held: int) -> None:
@@ -382,7 +385,10 @@ class _Session:
             return
         try:
             if command == proto.CMD_READ:
-                data = await export.read(offset, length) if length else b""
+                if not length:
+                    await self.send(conn.reply_done(cookie))
+                    return
+                data = await export.read(offset, length)
                 if len(data) != length:
                     raise NbdError(f"export returned {len(data)} of {length} bytes")
                 await self.send(conn.reply_read_header(cookie, offset, length), data)

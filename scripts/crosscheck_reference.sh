@@ -248,7 +248,7 @@ async def replay(header, extents, images, target):
                 await writer.write(dev_id, cluster_num, files[dev_id].read(CLUSTER_SIZE))
         for dev in header.devices:
             await writer.close_stream(dev.dev_id)
-        await writer.close()
+        await writer.aclose()
     except BaseException as exc:
         await writer.abort(exc)
         raise

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -32,6 +33,7 @@ import uuid as uuid_mod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import TextIO
 
 import anyio
@@ -595,8 +597,15 @@ class ReadReporter:
     (the bar: only when a redraw is due).
     """
 
-    def __init__(self, mode: str, counted: Sequence[DeviceInfo], label: str) -> None:
+    def __init__(
+        self,
+        mode: str,
+        counted: Sequence[DeviceInfo],
+        label: str,
+        read_total: int | None = None,
+    ) -> None:
         self._mode = mode
+        self._read_total = read_total
         self._cluster_count = sum(dev.size // CLUSTER_SIZE for dev in counted)
         self._clusters = 0
         self._percent = 0
@@ -614,7 +623,10 @@ class ReadReporter:
                 self._bar_due = now + 0.1
                 parts = [(d.name, d.done_bytes, d.total_bytes) for d in progress.devices]
                 done, total = progress.done_bytes, max(progress.done_bytes, progress.total_bytes)
-                await anyio.to_thread.run_sync(self._bar.update, done, total, parts)
+                update = partial(
+                    self._bar.update, read=progress.read_bytes, read_total=self._read_total
+                )
+                await anyio.to_thread.run_sync(update, done, total, parts)
             return
         if self._mode != "lines" or not self._cluster_count:
             return
@@ -681,7 +693,8 @@ async def cmd_verify(opts: Options) -> int:
         if opts.verbose and not opts.quiet:
             _emit(sys.stdout, content_lines(header))
         devices = header.devices
-        reporter = ReadReporter(_progress_mode(opts), devices, "verify")
+        read_total = await _archive_read_total(archive)
+        reporter = ReadReporter(_progress_mode(opts), devices, "verify", read_total)
         try:
             if sidecar is not None:
                 summary = await verify_with_digest(reader, sidecar, progress=reporter)
@@ -719,10 +732,18 @@ async def cmd_extract(opts: Options) -> int:
 
     async def start(header: ArchiveHeader) -> Mapping[str, RestoreMapEntry] | None:
         nonlocal reporter
-        # The reference's extract counts only disks in its percentage.
-        disks = [dev for dev in header.devices if not dev.is_vmstate]
-        reporter = ReadReporter(mode, disks, "extract")
-        return await restore_map(header) if restore_map is not None else None
+        entries = await restore_map(header) if restore_map is not None else None
+        # The reference's extract counts only disks in its percentage; disks
+        # skipped (-d, skip=) are walked past without being counted here.
+        disks = [
+            dev
+            for dev in header.devices
+            if not dev.is_vmstate
+            and (opts.drives is None or dev.name in opts.drives)
+            and not (entries is not None and dev.name in entries and entries[dev.name].skip)
+        ]
+        reporter = ReadReporter(mode, disks, "extract", await _archive_read_total(source))
+        return entries
 
     try:
         result = await extract_archive(
@@ -741,6 +762,41 @@ async def cmd_extract(opts: Options) -> int:
     if reporter is not None:
         reporter.finish(result.summary)
     return 0
+
+
+async def _archive_read_total(name: str) -> int | None:
+    """How many bytes reading the archive means, for the bar's ETA: the file's
+    size when it is a regular file holding an uncompressed archive (a
+    compressed or piped one has no size known up front)."""
+
+    def probe() -> int | None:
+        try:
+            with open(name, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode) or f.read(4) != b"VMA\0":
+                    return None
+                return os.fstat(f.fileno()).st_size
+        except OSError:
+            return None
+
+    if name == "-" or "://" in name:
+        return None
+    return await anyio.to_thread.run_sync(probe)
+
+
+def _image_read_total(devices: Sequence[tuple[str, str, str | None]]) -> int | None:
+    """The bytes ``create`` will read from its images, for the bar's ETA:
+    their allocated size (holes are never read).  Blocking."""
+    total = 0
+    for _, path, _ in devices:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        if stat.S_ISREG(info.st_mode):
+            total += min(info.st_blocks * 512, info.st_size)
+        else:
+            return None
+    return total
 
 
 def _archive_target(name: str) -> str | int:
@@ -791,6 +847,7 @@ async def cmd_create(opts: Options) -> int:
 
     mode = _progress_mode(opts)
     bar = ProgressBar(sys.stderr, "create") if mode == "bar" else None
+    read_total = await anyio.to_thread.run_sync(_image_read_total, devices) if bar else None
     last_percent = -1
     bar_due = 0.0
 
@@ -804,7 +861,8 @@ async def cmd_create(opts: Options) -> int:
             if now >= bar_due or done >= total:
                 bar_due = now + 0.1
                 parts = [(d.name, d.done_bytes, d.total_bytes) for d in progress.devices]
-                await anyio.to_thread.run_sync(bar.update, done, total, parts)
+                update = partial(bar.update, read=progress.read_bytes, read_total=read_total)
+                await anyio.to_thread.run_sync(update, done, total, parts)
         elif mode == "lines" and total:
             percent = done * 100 // total
             if percent != last_percent:
@@ -824,8 +882,12 @@ async def cmd_create(opts: Options) -> int:
             reproducible=opts.reproducible,
             digest=recorder,
         )
-    except VmaError as exc:
-        raise VmaError(f"creating vma archive failed - {exc}") from exc
+    except BaseException as exc:
+        if recorder is not None:
+            recorder.close()  # its hashing threads
+        if isinstance(exc, VmaError):
+            raise VmaError(f"creating vma archive failed - {exc}") from exc
+        raise
     if recorder is not None:
         async with await VmaReader.open(archive) as reader:
             archive_uuid = reader.header.uuid

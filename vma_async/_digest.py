@@ -31,9 +31,15 @@ vmstate is not covered (a stream of unbounded length); neither are configs,
 which sit in the checksummed header.
 
 Writing is atomic: a temporary file in the archive's directory, fsynced,
-then linked to its name (never over an existing file).  Hashing runs in
-worker threads (hashlib releases the GIL), on chunks the producers have
+then linked to its name (never over an existing file).  Hashing runs on
+threads of its own (hashlib releases the GIL), on chunks the producers have
 already read.
+
+Worst case.  Create: two SHA-256 passes over every disk (about 1.2 s of CPU
+per GiB here; zero clusters skip the cluster pass), on a second core when
+there is one, and up to two 4 MiB chunks per disk held until hashed.
+Verify: each cluster hashed once, and memory for the clusters that have
+partly arrived (a cluster's blocks sit in one extent, so only a few).
 """
 
 from __future__ import annotations

@@ -130,7 +130,11 @@ async def test_compressed_input_is_refused(tmp_path: Path) -> None:
     plain = tmp_path / "a.vma"
     await create_archive(plain, [("d", tmp_path / "a.raw")])
     await anyio.run_process(["zstd", "-q", str(plain), "-o", str(tmp_path / "a.vma.zst")])
-    with pytest.raises(SourceError, match="zstd-compressed - decompress it first"):
+    with pytest.raises(
+        SourceError,
+        match="a.vma.zst is zstd-compressed: random access needs an uncompressed"
+        " archive - decompress it first",
+    ):
         await repack_archive(tmp_path / "a.vma.zst", tmp_path / "out.vma")
     assert not (tmp_path / "out.vma").exists()
 

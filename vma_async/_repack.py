@@ -71,8 +71,8 @@ async def repack_archive(
         header = reader.header
         if reader.compression is not None:
             raise SourceError(
-                f"repack needs random access: {os.fspath(source)} is"
-                f" {reader.compression}-compressed - decompress it first"
+                f"{os.fspath(source)} is {reader.compression}-compressed: random access"
+                " needs an uncompressed archive - decompress it first"
             )
         vmstate = header.vmstate
         views = {

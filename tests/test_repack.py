@@ -223,3 +223,15 @@ def test_cli_reproducible_honours_source_date_epoch(tmp_path: Path) -> None:
     )
     assert '"ctime_epoch": 1234567890' in listed.stdout
     assert str(FIXED) in listed.stdout
+
+
+def test_cli_repack_to_stdout(tmp_path: Path) -> None:
+    _image(tmp_path / "a.raw", 12, 9)
+    vma = [sys.executable, "-m", "vma_async"]
+    subprocess.run([*vma, "create", str(tmp_path / "in.vma"), str(tmp_path / "a.raw")], check=True)
+    subprocess.run(
+        [*vma, "repack", str(tmp_path / "in.vma"), str(tmp_path / "file.vma")], check=True
+    )
+    with (tmp_path / "piped.vma").open("wb") as out:
+        subprocess.run([*vma, "repack", str(tmp_path / "in.vma"), "-"], stdout=out, check=True)
+    assert (tmp_path / "piped.vma").read_bytes() == (tmp_path / "file.vma").read_bytes()

@@ -480,7 +480,7 @@ async def test_a_closed_stream_is_a_source_error_not_the_end(
             else:
                 await reader.restore(sinks_for(tmp_path))
 
-    with pytest.raises(SourceError, match="the archive stream was closed while reading"):
+    with pytest.raises(SourceError, match="^read failed - the stream was closed (while|by)"):
         await run()
     assert source.closed
     assert names(tmp_path) == []
@@ -591,3 +591,18 @@ async def test_incomplete_archive_opens_without_require_complete(tmp_path: Path)
             MissingClusterError, match="detected missing cluster 5 for stream disk0"
         ):
             await view.read(4 * C + 10, C)
+
+
+async def test_open_closes_an_fd_unless_closefd_false(archive: Path) -> None:
+    kept = os.open(archive, os.O_RDONLY)
+    try:
+        async with VmaReader.open(kept, closefd=False) as reader:
+            await reader.verify()
+        assert os.pread(kept, 4, 0) == b"VMA\0"  # still open, still the caller's
+    finally:
+        os.close(kept)
+    taken = os.open(archive, os.O_RDONLY)
+    reader = await VmaReader.open(taken)
+    await reader.aclose()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(taken)

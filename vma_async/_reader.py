@@ -60,7 +60,7 @@ from ._opening import Opening
 from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback, report_progress
 from ._sinks import Sink
-from ._sources import ArchiveSource, SourceLike, open_source
+from ._sources import ArchiveSource, SourceLike, open_source, stream_closed_error
 from ._walker import (
     ExtentWalker,
     missing_cluster_error,
@@ -123,14 +123,10 @@ def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0] if leaves else group
 
 
-def _closed_stream_error(exc: Exception) -> SourceError:
-    """A source whose stream was closed (or broke) under the reader: an error
-    of the input, never the archive's end (that would surface later as a
-    misleading missing cluster)."""
-    return SourceError(f"read failed - the archive stream was closed while reading ({exc!r})")
-
-
 _STREAM_GONE: Final = (anyio.ClosedResourceError, anyio.BrokenResourceError)
+"""What a source's stream raises when it was closed or broke under the reader:
+reported as a :class:`SourceError` (an :class:`ArchiveSource` written by an
+application may let these through), never taken for the archive's end."""
 
 
 class VmaReader:
@@ -153,15 +149,18 @@ class VmaReader:
         self._index_lock = anyio.Lock()
 
     @classmethod
-    def open(cls, source: SourceLike | ArchiveSource) -> Opening[VmaReader]:
+    def open(
+        cls, source: SourceLike | ArchiveSource, *, closefd: bool = True
+    ) -> Opening[VmaReader]:
         """Open ``source`` (path, ``"-"``, fd, anyio byte stream, or an
         :class:`ArchiveSource`) and read its header: await it, or use it as
-        ``async with``.  An fd is closed with the reader (see ``open_source``)."""
-        return Opening(lambda: cls._open(source))
+        ``async with``.  An int fd is closed with the reader unless
+        ``closefd=False`` (see ``open_source`` for the other kinds)."""
+        return Opening(lambda: cls._open(source, closefd))
 
     @classmethod
-    async def _open(cls, source: SourceLike | ArchiveSource) -> VmaReader:
-        src = await open_source(source)
+    async def _open(cls, source: SourceLike | ArchiveSource, closefd: bool) -> VmaReader:
+        src = await open_source(source, closefd=closefd)
         try:
             parser = ArchiveParser()
             while True:
@@ -171,7 +170,7 @@ class VmaReader:
                 try:
                     data = await src.read(parser.bytes_wanted)
                 except _STREAM_GONE as exc:
-                    raise _closed_stream_error(exc) from exc
+                    raise stream_closed_error(exc) from exc
                 if not data:
                     parser.end_of_input()
                 parser.feed(data)
@@ -277,7 +276,7 @@ class VmaReader:
                 else:
                     batch, summary = await self._pull_batch_async()
             except _STREAM_GONE as exc:
-                raise _closed_stream_error(exc) from exc
+                raise stream_closed_error(exc) from exc
             yield batch, summary
             if summary is not None:
                 return

@@ -26,12 +26,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import anyio
 import anyio.to_thread
 
 from ._errors import DeviceSizeError, NbdError, QemuError, SinkError, TargetExistsError
 from ._fdio import Buffer, create_exclusive, remove_created
 from ._format import DeviceInfo
 from ._qemu import QemuImage, check_format, qemu_img_create
+from ._reader import _unwrap_group
 from ._sinks import SIZE_TOLERANCE, Sink
 
 __all__ = ["NbdSink"]
@@ -114,18 +116,18 @@ class NbdSink(Sink):
             raise SinkError(await image.failure("write to", exc)) from exc
 
     async def write_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
-        """Contiguous runs of the batch go out as one request each."""
-        index = 0
-        while index < len(writes):
-            offset, first = writes[index]
-            group = [first]
-            end = offset + memoryview(first).nbytes
-            index += 1
-            while index < len(writes) and writes[index][0] == end:
-                group.append(writes[index][1])
-                end += memoryview(writes[index][1]).nbytes
-                index += 1
-            await self.write(offset, group[0] if len(group) == 1 else b"".join(group))
+        """The batch's writes go out at once, pipelined on the one connection:
+        qemu-nbd runs them in parallel (its I/O threads), where one request
+        at a time would leave it idle between replies."""
+        if len(writes) == 1:
+            await self.write(*writes[0])
+            return
+        try:
+            async with anyio.create_task_group() as tg:
+                for offset, data in writes:
+                    tg.start_soon(self.write, offset, data)
+        except BaseExceptionGroup as group:
+            raise _unwrap_group(group) from None
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         image = self._ready()

@@ -7,148 +7,16 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from nbd_peers import DISK, ToyClient, ToyServer, converse, recorded_session
 
 from vma_async import NbdProtocolError
 from vma_async import _nbd_proto as proto
-
-DISK = bytes(range(256)) * 40  # 10240 bytes
-ZERO_FROM = 8192  # the tail reads as zeroes
-
-
-class ToyServer:
-    """Answers every event of a ServerConnection the way a real server would,
-    for one read-only export 'disk'."""
-
-    def __init__(self) -> None:
-        self.conn = proto.ServerConnection()
-        self.out = bytearray(self.conn.greeting())
-        self.events: list[object] = []
-
-    def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        while True:
-            event = self.conn.next_event()
-            if event is proto.NEED_DATA or event is proto.PAUSED:
-                return
-            self.events.append(event)
-            self.answer(event)
-            if isinstance(event, proto.ConnectionClosed | proto.Disconnect | proto.AbortRequest):
-                return
-
-    def answer(self, event: object) -> None:
-        conn, out = self.conn, self.out
-        if isinstance(event, proto.ListRequest):
-            out += conn.reply_server("disk", "a test disk") + conn.reply_ack(proto.OPT_LIST)
-        elif isinstance(event, proto.AbortRequest):
-            out += conn.reply_ack(proto.OPT_ABORT)
-        elif isinstance(event, proto.StructuredReplyRequest):
-            out += conn.reply_ack(proto.OPT_STRUCTURED_REPLY)
-        elif isinstance(event, proto.MetaContextRequest):
-            if (
-                proto.BASE_ALLOCATION in event.queries
-                or event.option == proto.OPT_LIST_META_CONTEXT
-            ):
-                out += conn.reply_meta_context(event.option, 7, proto.BASE_ALLOCATION)
-            out += conn.reply_ack(event.option)
-        elif isinstance(event, proto.GoRequest):
-            if event.name != "disk":
-                out += conn.reply_error(event.option, proto.REP_ERR_UNKNOWN, "no such export")
-                return
-            out += conn.reply_info_export(
-                event.option, len(DISK), proto.TransmissionFlags.READ_ONLY
-            )
-            out += conn.reply_info_block_size(event.option, 1, 4096, proto.MAX_PAYLOAD)
-            out += (
-                conn.reply_go_ack()
-                if event.option == proto.OPT_GO
-                else conn.reply_ack(proto.OPT_INFO)
-            )
-        elif isinstance(event, proto.ExportNameRequest):
-            out += conn.reply_export_name(len(DISK), proto.TransmissionFlags.READ_ONLY)
-        elif isinstance(event, proto.InvalidOptionRequest):
-            out += conn.reply_error(event.option, event.reply_type, event.message)
-        elif isinstance(event, proto.Request):
-            end = event.offset + event.length
-            if end > len(DISK) or event.command not in (proto.CMD_READ, proto.CMD_BLOCK_STATUS):
-                out += conn.reply_command_error(event.cookie, proto.EINVAL, "no")
-            elif event.command == proto.CMD_READ:
-                out += conn.reply_read_header(event.cookie, event.offset, event.length)
-                out += DISK[event.offset : end]
-            else:
-                runs = []
-                if event.offset < ZERO_FROM:
-                    runs.append((min(end, ZERO_FROM) - event.offset, 0))
-                if end > ZERO_FROM:
-                    runs.append((end - max(event.offset, ZERO_FROM), 3))
-                out += conn.reply_block_status(event.cookie, 7, runs)
-
-
-class ToyClient:
-    """Drives a ClientConnection through structured replies, base:allocation,
-    GO (or EXPORT_NAME after a refusal), then a few requests."""
-
-    def __init__(self, *, structured: bool = True) -> None:
-        self.conn = proto.ClientConnection()
-        self.out = bytearray()
-        self.events: list[object] = []
-        self.structured = structured
-        self.requests: dict[int, tuple[int, int, int]] = {}
-
-    def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        while True:
-            event = self.conn.next_event()
-            if event is proto.NEED_DATA:
-                return
-            self.events.append(event)
-            self.react(event)
-            if isinstance(event, proto.ConnectionClosed):
-                return
-
-    def react(self, event: object) -> None:
-        conn, out = self.conn, self.out
-        if isinstance(event, proto.ServerGreeting):
-            out += conn.send_client_flags()
-            out += conn.send_structured_reply() if self.structured else conn.send_list()
-        elif isinstance(event, proto.OptionAck):
-            if event.option == proto.OPT_STRUCTURED_REPLY:
-                out += conn.send_meta_context("disk", [proto.BASE_ALLOCATION])
-            elif event.option == proto.OPT_SET_META_CONTEXT:
-                out += conn.send_go("disk", info_requests=[proto.INFO_BLOCK_SIZE])
-            elif event.option == proto.OPT_LIST:
-                out += conn.send_export_name("disk")
-        elif isinstance(event, proto.OptionRefused):
-            out += conn.send_export_name("disk")
-        elif isinstance(event, proto.TransmissionStarted):
-            plan = [
-                (proto.CMD_READ, 0, 4096),
-                (proto.CMD_READ, 5000, 5240),
-                (proto.CMD_READ, 10000, 1000),
-            ]
-            if conn.meta_contexts:
-                plan.append((proto.CMD_BLOCK_STATUS, 4096, 6144))
-            for command, offset, length in plan:
-                cookie, header = conn.send_request(command, offset, length)
-                self.requests[cookie] = (command, offset, length)
-                out += header
-
-
-def converse(
-    client: ToyClient, server: ToyServer, chunk: Callable[[], int] = lambda: 1 << 20
-) -> None:
-    """Pass bytes both ways, in chunks of ``chunk()`` bytes, until both are quiet."""
-    while client.out or server.out:
-        if server.out:
-            size = chunk()
-            data, server.out[:] = bytes(server.out[:size]), server.out[size:]
-            client.feed(data)
-        if client.out:
-            size = chunk()
-            data, client.out[:] = bytes(client.out[:size]), client.out[size:]
-            server.feed(data)
 
 
 def reads_of(client: ToyClient) -> dict[int, bytes]:
@@ -405,24 +273,6 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(buf)
 
 
-def recorded_session() -> tuple[bytes, bytes]:
-    """The bytes each side sent in one complete structured session."""
-    client, server = ToyClient(), ToyServer()
-    to_server, to_client = bytearray(), bytearray()
-    while client.out or server.out:
-        if server.out:
-            data = bytes(server.out)
-            server.out.clear()
-            to_client += data
-            client.feed(data)
-        if client.out:
-            data = bytes(client.out)
-            client.out.clear()
-            to_server += data
-            server.feed(data)
-    return bytes(to_server), bytes(to_client)
-
-
 def chunks(data: bytes, rng: random.Random) -> Iterator[bytes]:
     at = 0
     while at < len(data):
@@ -475,3 +325,22 @@ def test_mutation_fuzz_of_the_client_machine(seed: int) -> None:
             outcomes["protocol error"] += 1
     assert outcomes["protocol error"]
     assert outcomes["survived"]
+
+
+FUZZ_TARGET = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_nbd.py"
+
+
+def test_both_machines_survive_coverage_guided_fuzzing(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    runs = 3000
+    result = subprocess.run(
+        [sys.executable, str(FUZZ_TARGET), f"-runs={runs}", "-seed=1", "-max_len=20000"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Done {runs} runs" in result.stderr
+    assert not list(tmp_path.glob("crash-*"))

@@ -264,7 +264,7 @@ class DeviceReadStats:
 
 
 class _DeviceWalk:
-    __slots__ = ("bitmap", "info", "is_vmstate", "limit", "next_vmstate", "skipped", "stats")
+    __slots__ = ("bitmap", "info", "is_vmstate", "limit", "next_vmstate", "stats")
 
     def __init__(self, info: DeviceInfo, is_vmstate: bool) -> None:
         self.info = info
@@ -273,7 +273,7 @@ class _DeviceWalk:
         # it is restored in whole clusters, zero blocks included (a stream has no holes).
         self.limit = (1 << 63) if is_vmstate else info.size
         self.bitmap: SeenBitmap | None = None if is_vmstate else SeenBitmap(info.cluster_count)
-        self.skipped = False
+        """None: no duplicate or missing-cluster check (vmstate, a skipped disk)."""
         self.next_vmstate = 0
         self.stats = DeviceReadStats(info.dev_id, info.name, info.size)
 
@@ -295,11 +295,11 @@ class ExtentWalker:
 
     def skip(self, dev_ids: Collection[int]) -> None:
         """Walk the devices ``dev_ids`` without the duplicate and missing-cluster
-        checks (a partial restore reads their data past); vmstate stays
-        checked for order, as it is never written out of order."""
+        checks from now on (a partial restore reads their data past; call it
+        before the first extent); vmstate stays checked for order, as it is
+        never written out of order."""
         for dev_id, device in self._devices.items():
-            device.skipped = dev_id in dev_ids and not device.is_vmstate
-            if device.skipped:
+            if dev_id in dev_ids and not device.is_vmstate:
                 device.bitmap = None
 
     def stats(self) -> tuple[DeviceReadStats, ...]:

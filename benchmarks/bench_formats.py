@@ -97,7 +97,7 @@ def one_pass(work: Path, archive: Path) -> tuple[float, int, Path]:
     out = work / "one"
     with DiskSampler(work, {archive, work / "reference.qcow2"}) as disk:
         start = time.perf_counter()
-        run(f"'{VMA}' extract --quiet --format qcow2 '{archive}' '{out}'", work)
+        run(f"'{VMA}' extract --quiet --format qcow2 '{archive}' '{out}' >/dev/null", work)
         elapsed = time.perf_counter() - start
     return elapsed, disk.peak, out / "disk-drive-scsi0.qcow2"
 
@@ -107,7 +107,7 @@ def two_steps(work: Path, archive: Path) -> tuple[float, int, Path]:
     final = work / "two.qcow2"
     with DiskSampler(work, {archive, work / "reference.qcow2"}) as disk:
         start = time.perf_counter()
-        run(f"zstd -q -dc '{archive}' | '{VMA}' extract --quiet - '{out}'", work)
+        run(f"zstd -q -dc '{archive}' | '{VMA}' extract --quiet - '{out}' >/dev/null", work)
         run(f"qemu-img convert -q -f raw -O qcow2 '{out}/disk-drive-scsi0.raw' '{final}'", work)
         elapsed = time.perf_counter() - start
     shutil.rmtree(out)

@@ -25,6 +25,7 @@ import pytest
 from test_qemu import open_fds, qemu_children
 
 from vma_async import (
+    Progress,
     QemuError,
     RestoreMapEntry,
     RestoreMapError,
@@ -459,3 +460,18 @@ def test_missing_qemu_names_the_package(tmp_path: Path) -> None:
     stderr = vma("create", "a.vma", "d.qcow2", cwd=tmp_path, status=1, PATH=str(empty))
     assert "qemu-nbd not found: install the Debian package qemu-utils" in stderr
     assert not (tmp_path / "a.vma").exists()
+
+
+@pytest.mark.anyio
+async def test_backup_skips_what_block_status_calls_zero(tmp_path: Path) -> None:
+    """A sparse qcow2: only its one allocated cluster is read through NBD, as
+    SEEK_DATA skips holes on the raw path; the archive still has every byte."""
+    data = bytearray(16 * MiB)
+    data[5 * MiB : 5 * MiB + CLUSTER] = os.urandom(CLUSTER)
+    image = write_image(tmp_path / "sparse.qcow2", "qcow2", bytes(data))
+    reports: list[Progress] = []
+    await create_archive(tmp_path / "a.vma", [("d", image)], progress=reports.append)
+    assert reports[-1].read_bytes == CLUSTER
+    assert reports[-1].done_bytes == len(data)
+    await extract_archive(tmp_path / "a.vma", tmp_path / "out")
+    assert (tmp_path / "out" / "disk-d.raw").read_bytes() == data

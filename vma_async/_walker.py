@@ -371,7 +371,7 @@ class ExtentWalker:
         zeroes: list[ZeroRun] = []
         pos = 0
         # The loop runs once per cluster: the device state is looked up only
-        # when the dev_id changes, and the bitmap and run merging are inlined.
+        # when the dev_id changes, and the bitmap check is inlined.
         current = -1
         device: _DeviceWalk | None = None
         pages: dict[int, bytearray] | None = None
@@ -420,24 +420,13 @@ class ExtentWalker:
             if mask == FULL_MASK and end <= limit:  # a whole stored cluster
                 if pos + CLUSTER_SIZE > data_size:
                     raise _too_many_blocks()
-                if runs:
-                    last = runs[-1]
-                    if last[0] == dev_id and last[1] + last[3] == base and last[2] + last[3] == pos:
-                        last[3] += CLUSTER_SIZE
-                        pos += CLUSTER_SIZE
-                        continue
-                runs.append([dev_id, base, pos, CLUSTER_SIZE])
+                _add_run(runs, dev_id, base, pos, CLUSTER_SIZE)
                 pos += CLUSTER_SIZE
                 continue
             if mask == 0:  # a whole zero cluster: the other common case
                 zero_length = CLUSTER_SIZE if end <= limit else limit - base
                 stats.zero_bytes += zero_length
-                if zeroes:
-                    last = zeroes[-1]
-                    if last[0] == dev_id and last[1] + last[2] == base:
-                        last[2] += zero_length
-                        continue
-                zeroes.append([dev_id, base, zero_length])
+                _add_zero(zeroes, dev_id, base, zero_length)
                 continue
             for first_block, block_count, stored in mask_runs(mask):
                 start = base + first_block * BLOCK_SIZE

@@ -194,6 +194,7 @@ async def test_cancelling_serve_nbd_closes_everything(tmp_path: Path) -> None:
     disk.gated_offset = 4096
     sock = tmp_path / "s.sock"
     before = open_fds()
+    tasks_before = len(anyio.get_running_tasks())
     caught: list[BaseException] = []
     async with anyio.create_task_group() as outer:
         with anyio.CancelScope() as server_scope:
@@ -215,6 +216,7 @@ async def test_cancelling_serve_nbd_closes_everything(tmp_path: Path) -> None:
                 assert disk.active == 1
                 server_scope.cancel()
         assert not await anyio.Path(sock).exists()
+    assert len(anyio.get_running_tasks()) == tasks_before  # no task left behind
     assert len(caught) == 1  # the in-flight read failed: the server went away
     assert "closed the connection" in str(caught[0])
     with pytest.raises(NbdError):

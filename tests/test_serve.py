@@ -52,6 +52,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, b
 
 @asynccontextmanager
 async def serving(archive: Path, sock: Path) -> AsyncIterator[str]:
+    """serve_archive in a task group; afterwards: no socket file, no fd and no
+    task left behind."""
+    fds_before = set(os.listdir("/proc/self/fd"))
+    tasks_before = len(anyio.get_running_tasks())
     async with anyio.create_task_group() as tg:
         address = await tg.start(
             lambda task_status: serve_archive(archive, unix_socket=sock, task_status=task_status)
@@ -60,6 +64,10 @@ async def serving(archive: Path, sock: Path) -> AsyncIterator[str]:
         yield str(sock)
         tg.cancel_scope.cancel()
     assert not await anyio.Path(sock).exists()
+    left = set(os.listdir("/proc/self/fd")) - fds_before
+    # uvloop keeps a /dev/null open once it has spawned a child: not ours
+    assert [os.readlink(f"/proc/self/fd/{fd}") for fd in left] in ([], ["/dev/null"])
+    assert len(anyio.get_running_tasks()) == tasks_before
 
 
 def uri(sock: str, name: str) -> str:

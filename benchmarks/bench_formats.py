@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -34,9 +33,10 @@ import threading
 import time
 from pathlib import Path
 
+from bench_read import make_image  # the same half-random image (8 MiB runs)
+
 REPO = Path(__file__).resolve().parent.parent
 VMA = str(Path(sys.executable).with_name("vma"))
-RUN = 8 << 20
 
 
 def parse_size(text: str) -> int:
@@ -44,14 +44,6 @@ def parse_size(text: str) -> int:
     if text[-1:].upper() in units:
         return int(float(text[:-1]) * units[text[-1:].upper()])
     return int(text)
-
-
-def make_image(path: Path, size: int) -> None:
-    rng = random.Random(1)
-    with path.open("wb") as image:
-        for offset in range(0, size, RUN):
-            n = min(RUN, size - offset)
-            image.write(rng.randbytes(n) if (offset // RUN) % 2 == 0 else bytes(n))
 
 
 class DiskSampler:

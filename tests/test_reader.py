@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -18,6 +19,7 @@ from dissect.archive.vma import VMA
 
 from vma_async import (
     CallbackSink,
+    DeviceInfo,
     DuplicateClusterError,
     MissingClusterError,
     ParsedExtent,
@@ -30,6 +32,7 @@ from vma_async import (
     UnknownDeviceError,
     VmaReader,
 )
+from vma_async._sinks import Buffer
 from vma_async._sources import ArchiveSource
 
 pytestmark = pytest.mark.anyio
@@ -606,3 +609,51 @@ async def test_open_closes_an_fd_unless_closefd_false(archive: Path) -> None:
     await reader.aclose()
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(taken)
+
+
+class HookRecorder(Sink):
+    """Records which Sink hooks restore calls, and keeps the bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.calls: list[str] = []
+        self.image = bytearray(size)
+
+    async def prepare(self, device: DeviceInfo) -> None:
+        self.calls.append(f"prepare {device.name}")
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        self.calls.append("write")
+        self.image[offset : offset + len(data)] = data
+
+    async def write_many(self, writes: Sequence[tuple[int, Buffer]]) -> None:
+        self.calls.append("write_many")
+        for offset, data in writes:
+            self.image[offset : offset + len(data)] = data
+
+    async def flush(self) -> None:
+        self.calls.append("flush")
+
+    async def aclose(self) -> None:
+        self.calls.append("aclose")
+
+    async def abort(self) -> None:
+        self.calls.append("abort")
+
+
+async def test_restore_calls_the_sink_hooks(archive: Path, archive_bytes: bytes) -> None:
+    sink = HookRecorder(len(DISK2))
+    async with VmaReader.open(archive) as reader:
+        await reader.restore({"disk2": sink})
+    assert bytes(sink.image) == DISK2
+    assert sink.calls[0] == "prepare disk2"
+    assert sink.calls[-2:] == ["flush", "aclose"]
+    assert set(sink.calls[1:-2]) == {"write_many"}  # never a write per run
+    broken = archive.with_name("cut.vma")
+    broken.write_bytes(archive_bytes[:-100_000])
+    sink = HookRecorder(len(DISK2))
+    async with VmaReader.open(broken) as reader:
+        with pytest.raises(TruncatedArchiveError):
+            await reader.restore({"disk2": sink})
+    assert sink.calls[0] == "prepare disk2"
+    assert sink.calls[-1] == "abort"
+    assert "aclose" not in sink.calls

@@ -399,3 +399,16 @@ async def test_bad_requests_get_error_replies_and_the_connection_stays(tmp_path:
             )
             await stream.send(request(proto.CMD_DISC, 0, 0, 10))
             assert await receive_all(stream) == b""
+
+
+async def test_a_client_that_floods_reads_and_leaves_costs_nothing_lasting(tmp_path: Path) -> None:
+    disk = MemoryExport("disk", os.urandom(4 << 20))
+    async with serving([disk], tmp_path / "s.sock", max_requests_in_flight=4) as address:
+        stream = await raw_connect(address)
+        await go(stream)
+        await stream.send(
+            b"".join(request(proto.CMD_READ, (i % 4) << 20, 1 << 20, i) for i in range(64))
+        )
+        await stream.aclose()  # gone without reading a single reply
+        await still_serving(address, disk)
+        assert disk.peak_active <= 4

@@ -2,7 +2,7 @@
 
 Builds (with the independent test encoder, as bench_read does) an archive of
 an image half random and half zero in 8 MiB runs (default 1 GiB; the issue's
-figure is for ``--size-mib 4096``), then:
+figure is for ``--size 4G``), then:
 
 * ``vma extract ARCHIVE DIR``: our own restore to a raw file (the baseline);
 * ``nbdcopy nbd+unix:///drive-scsi0?socket=S out.raw`` against the archive
@@ -18,7 +18,7 @@ the extract's ru_maxrss.  The archive and image are read once before timing
 (page cache).  The machine may be shared: figures are the best of
 ``--repeats`` runs.
 
-    .venv/bin/python benchmarks/bench_serve.py [--size-mib 1024] [--reads 300]
+    .venv/bin/python benchmarks/bench_serve.py [--size 1G] [--reads 300]
 """
 
 from __future__ import annotations
@@ -148,9 +148,18 @@ def filecmp_equal(a: Path, b: Path) -> bool:
     return subprocess.run(["cmp", "-s", str(a), str(b)], check=False).returncode == 0
 
 
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text[-1:].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument(
+        "--size", type=parse_size, default=1 << 30, help="image size: 1G (default), 4G, 512M"
+    )
     parser.add_argument("--reads", type=int, default=300, help="random 1 MiB reads")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backends", default="asyncio,uvloop,trio")
@@ -165,7 +174,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-", dir=args.dir or REPO))
     try:
-        size = args.size_mib << 20
+        size = args.size
         image, archive = workdir / "image.raw", workdir / "backup.vma"
         make_image(image, size)
         build_archive(image, archive)
@@ -173,7 +182,7 @@ def main() -> None:
         warm(archive)
         extract_s, extract_rss = time_extract(archive, workdir, args.repeats)
         extract_rate = size / extract_s / 1e6
-        print(f"image {args.size_mib} MiB, half random; load average {os.getloadavg()[0]:.1f}")
+        print(f"image {size >> 20} MiB, half random; load average {os.getloadavg()[0]:.1f}")
         print(
             f"{'case':<24}{'MB/s':>9}{'ratio':>8}{'peak RSS MiB':>14}"
             f"{'1 MiB read median / p99 ms':>30}"

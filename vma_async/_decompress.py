@@ -11,11 +11,9 @@ Plan:
 * zstd, gzip and bzip2 run in-process, in a worker thread, through pull
   readers asked for at most one read's worth of output at a time, so a
   decompression bomb cannot inflate more than that at once.  The compressed
-  bytes come from :class:`_ThreadInput`: straight from a blocking source (a
-  file), or, for a source read on the event loop (a pipe, a stream), from the
-  task that started the thread, which serves the thread's requests.  That
-  task is inside the caller's cancel scope, so a read stalled on a silent
-  pipe is cancellable (a thread that waited on the loop itself would not be).
+  bytes come from :class:`_RawInput`: straight from a blocking source (a
+  file), or through the event loop for a pipe or a stream, in the caller's
+  cancel scope (a read stalled on a silent pipe is cancellable).
 * lzop has no Python module: ``lzop -dc`` runs as a child process.  The
   reader's own read drives it (:class:`_ChildSource`): while the child's
   stdout has nothing, the read feeds the child's stdin from the inner source
@@ -32,7 +30,6 @@ from __future__ import annotations
 import bz2
 import contextlib
 import os
-import queue
 import signal
 import subprocess
 import zlib
@@ -43,7 +40,6 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import SourceError
 from ._sources import READ_SIZE, ArchiveSource, enlarge_pipe, read_ready
@@ -82,77 +78,24 @@ async def decompressing(source: ArchiveSource, head: bytes) -> ArchiveSource:
 # --- in-process decompressors --------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-    """Handed to a decompressor thread waiting for input when the read that
-    serves it was cancelled: it unwinds the thread."""
+class _RawInput:
+    """The compressed bytes, as the file-like object a decompressor pulls from
+    (in a worker thread).
 
-
-class _ThreadInput:
-    """Compressed bytes for a decompressor running in a worker thread (its ``read``).
-
-    A blocking source is read directly in the thread.  Any other source is
-    read on the event loop by :meth:`run`'s task, which answers the thread's
-    requests through a queue: the waiting happens in a task the caller can
-    cancel, never in the thread.
+    A blocking source is read right there; any other source's
+    :meth:`ArchiveSource.read_blocking` runs its read on the event loop,
+    inside the cancel scope of the task that started the thread (anyio's
+    rule), so a read stalled on a silent pipe is cancelled with the caller.
     """
 
     def __init__(self, source: ArchiveSource) -> None:
         self.source = source
-        self._requests: MemoryObjectSendStream[int] | None = None
-        self._replies: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
-        self.broken = False
 
     def read(self, size: int = -1) -> bytes:
-        """Called by the decompressor, in the worker thread."""
-        size = _COMPRESSED_READ if size < 0 else size
-        if self.source.blocking:
-            return bytes(self.source.read_blocking(size))
-        assert self._requests is not None
-        anyio.from_thread.run_sync(self._requests.send_nowait, size)
-        reply = self._replies.get()
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+        return bytes(self.source.read_blocking(_COMPRESSED_READ if size < 0 else size))
 
     def readable(self) -> bool:
         return True
-
-    async def run(self, func: Callable[[int], bytes], size: int) -> bytes:
-        """``func(size)`` in a worker thread, serving its reads from the loop."""
-        if self.broken:
-            raise SourceError("read failed - an earlier read was cancelled mid-decompression")
-        send, receive = anyio.create_memory_object_stream[int](1)
-        self._requests = send
-        error: Exception | None = None
-        result = b""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._serve, receive)
-            with send:  # closing it ends _serve once the thread is done
-                try:
-                    result = await anyio.to_thread.run_sync(func, size)
-                except _Interrupted:
-                    self.broken = True
-                    await anyio.lowlevel.checkpoint()  # the cancellation that interrupted it
-                    error = SourceError("read failed - decompression was interrupted")
-                except Exception as exc:
-                    error = exc
-        if error is not None:
-            raise error
-        return result
-
-    async def _serve(self, requests: MemoryObjectReceiveStream[int]) -> None:
-        try:
-            async with requests:
-                async for size in requests:
-                    try:
-                        self._replies.put(bytes(await self.source.read(size)))
-                    except Exception as exc:  # the thread raises it, and run() re-raises it
-                        self._replies.put(exc)
-        except BaseException:
-            # cancelled: unblock the thread (now, or at its next read)
-            self.broken = True
-            self._replies.put(_Interrupted())
-            raise
 
 
 class _Member(Protocol):
@@ -195,7 +138,7 @@ class _MemberReader:
     """Bounded pull decompression of concatenated members, as zcat and bzcat
     read them (pigz, ``cat a.gz b.gz``, pbzip2 and ``cat a.bz2 b.bz2`` write them)."""
 
-    def __init__(self, raw: _ThreadInput, new_member: Callable[[], _Member]) -> None:
+    def __init__(self, raw: _RawInput, new_member: Callable[[], _Member]) -> None:
         self._raw = raw
         self._new_member = new_member
         self._member = new_member()
@@ -223,7 +166,7 @@ class _Decompressor(Protocol):
 
 
 def _pull_reader(
-    compression: str, raw: _ThreadInput
+    compression: str, raw: _RawInput
 ) -> tuple[_Decompressor, tuple[type[Exception], ...]]:
     """The pull decompressor for ``compression``, and the errors it raises."""
     if compression == "zstd":
@@ -241,24 +184,34 @@ def _pull_reader(
 
 
 class _InProcessSource(ArchiveSource):
-    """zstd, gzip or bzip2, decompressed in a worker thread in bounded pieces."""
+    """zstd, gzip or bzip2, decompressed in a worker thread in bounded pieces.
+
+    A read cancelled or failed mid-decompression leaves the decompressor in
+    an unknown state (the output it had made is gone): later reads refuse.
+    """
 
     def __init__(self, inner: ArchiveSource, compression: str) -> None:
         self.compression = compression
         self.blocking = inner.blocking
-        self._input = _ThreadInput(inner)
+        self._input = _RawInput(inner)
         self._reader, self._errors = _pull_reader(compression, self._input)
+        self._broken = False
 
     async def read(self, max_bytes: int) -> bytes:
-        if self.blocking:
-            return await anyio.to_thread.run_sync(self.read_blocking, max_bytes)
-        return await self._input.run(self.read_blocking, max_bytes)
+        return await anyio.to_thread.run_sync(self.read_blocking, max_bytes)
 
     def read_blocking(self, max_bytes: int) -> bytes:
+        if self._broken:
+            raise SourceError(
+                f"{self.compression} decompression failed - an earlier read was cancelled or failed"
+            )
+        self._broken = True
         try:
-            return self._reader.read(min(max_bytes, READ_SIZE))
+            data = self._reader.read(min(max_bytes, READ_SIZE))
         except self._errors as exc:
             raise SourceError(f"{self.compression} decompression failed - {exc}") from exc
+        self._broken = False
+        return data
 
     async def aclose(self) -> None:
         await self._input.source.aclose()

@@ -38,7 +38,7 @@ import os
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, Self
 
 import anyio
 import anyio.abc
@@ -149,6 +149,13 @@ class ArchiveSource(ABC):
         cancellation (inside a shielded scope): it must not wait for a peer.
         The default has nothing to release.
         """
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
 
 
 def stream_closed_error(exc: anyio.ClosedResourceError | anyio.BrokenResourceError) -> SourceError:

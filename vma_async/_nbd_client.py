@@ -314,10 +314,7 @@ class NbdClient:
                 run_length = min(run_length, end - position)
                 if run_length <= 0:
                     break
-                if runs and runs[-1][1] == flags:
-                    runs[-1] = (runs[-1][0] + run_length, flags)
-                else:
-                    runs.append((run_length, flags))
+                proto.append_run(runs, run_length, flags)
                 position += run_length
         return runs
 

@@ -405,6 +405,15 @@ ServerEvent = (
 # --- shared pieces ----------------------------------------------------------------
 
 
+def append_run(runs: list[tuple[int, int]], length: int, flags: int) -> None:
+    """Add ``(length, flags)`` to block-status ``runs``, merged into the last
+    run when the flags are the same (fewer descriptors on the wire)."""
+    if runs and runs[-1][1] == flags:
+        runs[-1] = (runs[-1][0] + length, flags)
+    else:
+        runs.append((length, flags))
+
+
 class _ReceiveBuffer:
     """Bytes received and not yet parsed; ``eof`` once the peer closed.
 

@@ -451,12 +451,8 @@ class _Session:
     def status(export: NbdExport, offset: int, length: int, flags: int) -> list[tuple[int, int]]:
         extents: list[tuple[int, int]] = []
         for run_length, run_flags in export.block_status(offset, length):
-            if run_length <= 0:
-                continue
-            if extents and extents[-1][1] == run_flags:
-                extents[-1] = (extents[-1][0] + run_length, run_flags)
-            else:
-                extents.append((run_length, run_flags))
+            if run_length > 0:
+                proto.append_run(extents, run_length, run_flags)
         if not extents:
             extents = [(length, 0)]
         if flags & proto.CMD_FLAG_REQ_ONE:

@@ -144,6 +144,19 @@ async def test_tcp_on_localhost_by_default(tmp_path: Path) -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_a_listener_the_caller_made(tmp_path: Path) -> None:
+    disk = MemoryExport("disk", b"mine" * 100)
+    listener = await anyio.create_unix_listener(tmp_path / "own.sock")
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(
+            lambda task_status: serve_nbd([disk], listener=listener, task_status=task_status)
+        )
+        assert address == f"unix:{tmp_path / 'own.sock'}"
+        async with NbdClient.connect(address, "disk") as client:
+            assert await client.read(396, 4) == b"mine"
+        tg.cancel_scope.cancel()
+
+
 async def test_replies_go_out_as_requests_complete_not_in_order(tmp_path: Path) -> None:
     disk = MemoryExport("disk", os.urandom(65536))
     disk.gate = anyio.Event()

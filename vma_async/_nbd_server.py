@@ -31,6 +31,7 @@ import abc
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,8 @@ async def serve_nbd(
     if memory_budget < proto.MAX_PAYLOAD:
         raise ValueError(f"memory_budget must be at least {proto.MAX_PAYLOAD} (one request)")
     limits = _Limits(max_requests_in_flight, _ByteBudget(memory_budget))
-    created: tuple[Path, int] | None = None
+    created: Path | None = None
+    inode: int | None = None
     address: str | tuple[str, int]
     try:
         if unix_socket is not None:
@@ -170,7 +172,7 @@ async def serve_nbd(
                 listener = await anyio.create_unix_listener(path, mode=socket_mode)
             except OSError as error:
                 raise NbdError(f"cannot listen on {path}: {error.strerror or error}") from error
-            created = (path, (await anyio.Path(path).stat()).st_ino)
+            created = path
             address = f"unix:{path}"
         elif port is not None:
             try:
@@ -179,30 +181,43 @@ async def serve_nbd(
                 raise NbdError(
                     f"cannot listen on {host}:{port}: {error.strerror or error}"
                 ) from error
-            bound = listener.extra(SocketAttribute.local_address)
-            address = (str(bound[0]), int(bound[1]))
+            address = _listener_address(listener)
         else:
             assert listener is not None
-            address = str(listener.extra(SocketAttribute.local_address, "listener"))
+            address = _listener_address(listener)
 
         async def handle(stream: anyio.abc.SocketStream) -> None:
             await _serve_connection(stream, by_name, limits)
 
         async with listener, anyio.create_task_group() as tg:
+            if created is not None:
+                inode = (await anyio.Path(created).stat()).st_ino
             task_status.started(address)
             await listener.serve(handle, task_group=tg)
     finally:
         if created is not None:
             with anyio.CancelScope(shield=True):
-                await _remove_socket(*created)
+                await _remove_socket(created, inode)
 
 
-async def _remove_socket(path: Path, inode: int) -> None:
-    """Unlink the socket we created, unless someone replaced it since."""
+def _listener_address(
+    listener: anyio.abc.Listener[anyio.abc.SocketStream],
+) -> str | tuple[str, int]:
+    """What :meth:`NbdClient.connect` takes to reach ``listener``."""
+    local = listener.extra(SocketAttribute.local_address)
+    if isinstance(local, str):  # a Unix socket's path
+        return f"unix:{local}"
+    return (str(local[0]), int(local[1]))
+
+
+async def _remove_socket(path: Path, inode: int | None) -> None:
+    """Unlink the socket we created, unless someone replaced it since (when its
+    inode was never learnt, any socket at the path is taken to be ours)."""
 
     def remove() -> None:
         with contextlib.suppress(FileNotFoundError):
-            if os.lstat(path).st_ino == inode:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and inode in (None, st.st_ino):
                 os.unlink(path)
 
     await anyio.to_thread.run_sync(remove)

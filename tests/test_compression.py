@@ -22,11 +22,12 @@ import anyio
 import pytest
 
 from vma_async import CallbackSink, SourceError, VmaError, VmaReader
+from vma_async._decompress import _ZstdFrames
 from vma_async._sources import open_source
 
 pytestmark = pytest.mark.anyio
 
-TOOLS = ("zstd", "gzip", "pigz", "bzip2", "lzop")
+TOOLS = ("zstd", "pzstd", "gzip", "pigz", "bzip2", "lzop")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,6 +80,7 @@ VARIANTS = {
     ),
     "zstd-no-content-size": ("zstd", lambda a: run(["zstd", "-q", "--no-content-size", "-c"], a)),
     "zstd-frames": ("zstd", lambda a: two_halves(["zstd", "-q", "-c"], a)),
+    "pzstd": ("zstd", lambda a: run(["pzstd", "-q", "-p", "2", "-c"], a)),  # skippable frames
     "gzip-rsyncable": ("gzip", lambda a: run(["gzip", "--rsyncable", "-c"], a)),
     "pigz": ("gzip", lambda a: run(["pigz", "-p", "2", "--rsyncable", "-c"], a)),
     "pigz-members": ("gzip", lambda a: two_halves(["pigz", "-p", "2", "-c"], a)),
@@ -265,6 +267,8 @@ async def test_corrupt_input_says_why(
 
 
 TRUNCATED = {
+    "zstd-threads": "^zstd decompression failed - unexpected end of data$",
+    "pzstd": "^zstd decompression failed - unexpected end of data$",
     "gzip-rsyncable": "^gzip decompression failed - unexpected end of data$",
     "bzip2": "^bzip2 decompression failed - unexpected end of data$",
     "lzop": r"^lzop decompression failed - lzop: .* \(exit status 1\)$",
@@ -280,6 +284,23 @@ async def test_truncated_input_says_so(
     path.write_bytes(compressed(variant, archive)[:-3000])
     with leaves_nothing(), pytest.raises(SourceError, match=TRUNCATED[variant]):
         await restore(path, len(image))
+
+
+def test_zstd_frames_are_followed_byte_by_byte(made: tuple[Path, bytes, bytes]) -> None:
+    """The frame follower says "complete" exactly where a frame (or a
+    skippable frame) ends, however the bytes are split."""
+    _, archive, _ = made
+    one, two = compressed("pzstd", archive), compressed("zstd-threads", archive)
+    frames = _ZstdFrames()
+    ends = []
+    for pos, byte in enumerate(one + two, 1):
+        frames.feed(bytes([byte]))
+        if frames.complete:
+            ends.append(pos)
+    assert ends[-1] == len(one) + len(two)
+    assert len(one) in ends
+    assert len(one) - 1 not in ends  # not before its checksum's last byte
+    assert ends[0] > 8  # not inside the first skippable frame's header
 
 
 async def test_missing_decompressor_is_named(

@@ -47,6 +47,8 @@ from ._sources import READ_SIZE, ArchiveSource, enlarge_pipe, read_ready
 __all__ = ["BZIP2_MAGIC", "GZIP_MAGIC", "LZOP_MAGIC", "ZSTD_MAGIC", "decompressing"]
 
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+ZSTD_SKIPPABLE_MAGIC: Final = b"\x2a\x4d\x18"
+"""After a first byte 0x50-0x5F: a skippable frame (pzstd starts with one)."""
 GZIP_MAGIC: Final = b"\x1f\x8b"
 BZIP2_MAGIC: Final = b"BZh"
 """Followed by the block size, a digit 1-9."""
@@ -64,7 +66,7 @@ trailing garbage after the last member or a multipart archive)."""
 async def decompressing(source: ArchiveSource, head: bytes) -> ArchiveSource:
     """``source`` wrapped in the decompressor its first bytes ``head`` call
     for, or ``source`` itself when they match no compressor's magic."""
-    if head.startswith(ZSTD_MAGIC):
+    if head.startswith(ZSTD_MAGIC) or _is_skippable_frame(head):
         return _InProcessSource(source, "zstd")
     if head.startswith(GZIP_MAGIC):
         return _InProcessSource(source, "gzip")
@@ -73,6 +75,10 @@ async def decompressing(source: ArchiveSource, head: bytes) -> ArchiveSource:
     if head.startswith(LZOP_MAGIC):
         return await _ChildSource.start(source, ["lzop", "-dc"], "lzop", ok_status=_LZOP_OK)
     return source
+
+
+def _is_skippable_frame(head: bytes) -> bool:
+    return len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == ZSTD_SKIPPABLE_MAGIC
 
 
 # --- in-process decompressors --------------------------------------------------------------------
@@ -86,16 +92,102 @@ class _RawInput:
     :meth:`ArchiveSource.read_blocking` runs its read on the event loop,
     inside the cancel scope of the task that started the thread (anyio's
     rule), so a read stalled on a silent pipe is cancelled with the caller.
+    With ``frames``, the bytes are followed through zstd's frame structure,
+    and an end of input inside a frame raises ``EOFError``.
     """
 
-    def __init__(self, source: ArchiveSource) -> None:
+    def __init__(self, source: ArchiveSource, frames: _ZstdFrames | None = None) -> None:
         self.source = source
+        self._frames = frames
 
     def read(self, size: int = -1) -> bytes:
-        return bytes(self.source.read_blocking(_COMPRESSED_READ if size < 0 else size))
+        data = bytes(self.source.read_blocking(_COMPRESSED_READ if size < 0 else size))
+        if self._frames is not None:
+            if not data and not self._frames.complete:
+                raise EOFError("unexpected end of data")
+            self._frames.feed(data)
+        return data
 
     def readable(self) -> bool:
         return True
+
+
+class _ZstdFrames:
+    """Follows zstd's frame structure over the compressed bytes (frame, block
+    and skippable-frame headers only; the data is stepped over, never
+    decoded), to tell input that ends between frames from input cut short
+    inside one: zstandard's stream reader ends quietly in both cases.
+
+    Cost: a few operations per block (at most 128 KiB of output each).  On
+    anything it does not recognise it stops following, and leaves the error
+    to the decompressor.
+    """
+
+    def __init__(self) -> None:
+        self._want = 4  # bytes of the next header field to gather
+        self._handler: Callable[[bytes], None] = self._on_magic
+        self._field = bytearray()
+        self._skip = 0  # bytes to step over before that field
+        self._checksum = False
+        self._lost = False
+
+    @property
+    def complete(self) -> bool:
+        """True between frames (or once lost: then the decompressor judges)."""
+        at_frame_start = self._handler == self._on_magic and not self._field and not self._skip
+        return self._lost or at_frame_start
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end and not self._lost:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            take = min(self._want - len(self._field), end - pos)
+            self._field += data[pos : pos + take]
+            pos += take
+            if len(self._field) == self._want:
+                field = bytes(self._field)
+                self._field.clear()
+                self._handler(field)
+
+    def _expect(self, want: int, handler: Callable[[bytes], None], skip: int = 0) -> None:
+        self._want, self._handler, self._skip = want, handler, skip
+
+    def _on_magic(self, field: bytes) -> None:
+        if field == ZSTD_MAGIC:
+            self._expect(1, self._on_descriptor)
+        elif _is_skippable_frame(field):
+            self._expect(4, self._on_skippable_size)
+        else:
+            self._lost = True
+
+    def _on_skippable_size(self, field: bytes) -> None:
+        self._expect(4, self._on_magic, skip=int.from_bytes(field, "little"))
+
+    def _on_descriptor(self, field: bytes) -> None:
+        descriptor = field[0]
+        single_segment = descriptor >> 5 & 1
+        self._checksum = bool(descriptor >> 2 & 1)
+        content_size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+        dictionary_id_bytes = (0, 1, 2, 4)[descriptor & 3]
+        window_bytes = 1 - single_segment
+        skip = window_bytes + dictionary_id_bytes + content_size_bytes
+        self._expect(3, self._on_block, skip=skip)
+
+    def _on_block(self, field: bytes) -> None:
+        header = int.from_bytes(field, "little")
+        last, kind, size = header & 1, header >> 1 & 3, header >> 3
+        if kind == 3:  # reserved
+            self._lost = True
+            return
+        payload = 1 if kind == 1 else size  # an RLE block stores one byte
+        if last:
+            self._expect(4, self._on_magic, skip=payload + (4 if self._checksum else 0))
+        else:
+            self._expect(3, self._on_block, skip=payload)
 
 
 class _Member(Protocol):
@@ -177,7 +269,7 @@ def _pull_reader(
             read_size=_COMPRESSED_READ,
             read_across_frames=True,
         )
-        return reader, (zstandard.ZstdError,)
+        return reader, (zstandard.ZstdError, EOFError)
     if compression == "gzip":
         return _MemberReader(raw, _GzipMember), (zlib.error, EOFError)
     return _MemberReader(raw, bz2.BZ2Decompressor), (OSError, EOFError, ValueError)
@@ -193,7 +285,7 @@ class _InProcessSource(ArchiveSource):
     def __init__(self, inner: ArchiveSource, compression: str) -> None:
         self.compression = compression
         self.blocking = inner.blocking
-        self._input = _RawInput(inner)
+        self._input = _RawInput(inner, _ZstdFrames() if compression == "zstd" else None)
         self._reader, self._errors = _pull_reader(compression, self._input)
         self._broken = False
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in zstd gzip lzop; do
+for tool in zstd gzip lzop pigz bzip2; do  # the decompression tests use them all (pzstd comes with zstd)
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 # NBD peers no one here wrote (NBD tests) and QEMU's block layer (disk formats), issue 9

@@ -475,3 +475,25 @@ async def test_backup_skips_what_block_status_calls_zero(tmp_path: Path) -> None
     assert reports[-1].done_bytes == len(data)
     await extract_archive(tmp_path / "a.vma", tmp_path / "out")
     assert (tmp_path / "out" / "disk-d.raw").read_bytes() == data
+
+
+@pytest.mark.anyio
+async def test_qemu_nbd_killed_mid_backup(tmp_path: Path) -> None:
+    """The image's qemu-nbd dies after the first chunk: the backup fails
+    naming it, and the partial archive is removed."""
+    image = write_image(tmp_path / "d.qcow2", "qcow2", os.urandom(16 * MiB))
+    killed: list[int] = []
+
+    def kill_qemu_nbd(progress: Progress) -> None:
+        if progress.read_bytes and not killed:
+            (pid,) = qemu_children()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    fds = open_fds()
+    with pytest.raises(VmaError, match=r"d\.qcow2 failed - .*killed by SIGKILL"):
+        await create_archive(tmp_path / "a.vma", [("d", image)], progress=kill_qemu_nbd)
+    assert killed
+    assert not (tmp_path / "a.vma").exists()
+    assert qemu_children() == []
+    assert open_fds() == fds

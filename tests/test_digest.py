@@ -202,3 +202,26 @@ def test_verify_help_says_the_format_checksums_headers_only() -> None:
     run = subprocess.run([*VMA, "verify", "--help"], capture_output=True, text=True, check=True)
     assert "checksums its headers only" in run.stdout
     assert "--digest" in run.stdout
+
+
+@pytest.mark.anyio
+async def test_vmstate_is_read_past_and_disks_checked(tmp_path: Path) -> None:
+    disk = _image(7, 4)
+    state = random.Random(8).randbytes(2 * CLUSTER_SIZE + 10)
+    archive = tmp_path / "vm.vma"
+    archive_uuid = uuid.uuid4()
+    async with VmaWriter.open(archive, uuid=archive_uuid) as writer:
+        dev = writer.register_stream("drive-scsi0", len(disk))
+        vmstate = writer.register_stream("vmstate", len(state))
+        for cluster in range(4):
+            await writer.write(vmstate, cluster, state[cluster * CLUSTER_SIZE :][:CLUSTER_SIZE])
+            await writer.write(dev, cluster, disk[cluster * CLUSTER_SIZE :][:CLUSTER_SIZE])
+        await writer.close_stream(dev)
+        await writer.close_stream(vmstate)
+    recorder = DigestRecorder()
+    recorder.device("drive-scsi0", len(disk)).update(0, disk)
+    await write_digest_file(digest_path(archive), recorder, archive_uuid, ["drive-scsi0"])
+    sidecar = await read_digest_file(digest_path(archive))
+    async with await VmaReader.open(archive) as reader:
+        summary = await verify_with_digest(reader, sidecar)
+    assert summary.bytes_read > 0

@@ -255,7 +255,7 @@ class DigestMismatchError(DigestError):
 
 class DuplicateDeviceNameError(WriterUsageError):
     """Two devices of one archive with the same name: no restore could tell
-    them apart (the reference's extract refuses such an archive)."""
+    them apart (the second disk's file or map line would be the first's)."""
 
 
 class RestoreMapError(VmaError):

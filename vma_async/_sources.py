@@ -451,6 +451,10 @@ async def _open_raw(source: SourceLike | ArchiveSource, closefd: bool) -> Archiv
         return source
     if isinstance(source, anyio.abc.ByteReceiveStream):
         return _StreamSource(source)
+    if isinstance(source, str) and source.startswith("s3://"):
+        from ._s3 import S3Source  # needs the optional obstore package
+
+        return await S3Source.open(source)
     if isinstance(source, int) or source == "-":
         # "-" is standard input, which stays open whatever closefd says
         given, closefd = (0, False) if source == "-" else (int(source), closefd)
@@ -473,7 +477,7 @@ async def _open_raw(source: SourceLike | ArchiveSource, closefd: bool) -> Archiv
 
 async def _sniff(source: ArchiveSource) -> tuple[ArchiveSource, bytes]:
     """Read the first bytes to recognise a compressor; put them back."""
-    if isinstance(source, _FileSource):
+    if source.seekable:  # a file or an s3:// object: peek without consuming
         return source, await anyio.to_thread.run_sync(source.pread, 0, MAGIC_PEEK)
     head = b""
     while len(head) < MAGIC_PEEK:

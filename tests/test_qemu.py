@@ -138,7 +138,7 @@ async def test_nbd_server_serves_and_is_reaped(tmp_path: Path) -> None:
     finally:
         await stream.aclose()
         status = await server.stop(graceful=False)
-        server.remove_directory()
+        await server.remove_directory()
     assert status is not None
     assert not exists(directory)
     assert qemu_children() == []

@@ -193,6 +193,10 @@ def probe_file_format(fd: int) -> str | None:
 # --- qemu-nbd ----------------------------------------------------------------------
 
 
+async def _remove_tree(directory: str) -> None:
+    await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
 def _exit_text(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
@@ -288,11 +292,10 @@ class QemuNbdServer:
             server = cls(process, directory, socket_path, name)
             stream = await server._connect()
         except BaseException:
-            if server is not None:
-                await server.stop(graceful=False)
-                server.remove_directory()
-            else:
-                shutil.rmtree(directory, ignore_errors=True)
+            with anyio.CancelScope(shield=True):
+                if server is not None:
+                    await server.stop(graceful=False)
+                await _remove_tree(directory)
             raise
         return server, stream
 
@@ -339,7 +342,7 @@ class QemuNbdServer:
         return False
 
     async def stop(self, *, graceful: bool) -> int | None:
-        """Stop and reap qemu-nbd; remove its directory.  Returns its exit status.
+        """Stop and reap qemu-nbd.  Returns its exit status.
 
         ``graceful``: the client has sent ``NBD_CMD_DISC``, so qemu-nbd is
         closing the image and exits by itself; it gets :data:`STOP_GRACE`
@@ -370,11 +373,13 @@ class QemuNbdServer:
         """Wait for qemu-nbd to exit by itself; its exit status."""
         return await self._process.wait()
 
-    def remove_directory(self) -> None:
-        """Forget qemu-nbd's last words and remove its private directory."""
+    async def remove_directory(self) -> None:
+        """Forget qemu-nbd's last words and remove its private directory
+        (shielded: a cancelled caller still leaves nothing behind)."""
         directory, self._directory = self._directory, None
         if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+            with anyio.CancelScope(shield=True):
+                await _remove_tree(directory)
 
 
 class QemuImage:
@@ -417,7 +422,7 @@ class QemuImage:
                     await stream.aclose()
                     await server.stop(graceful=isinstance(exc, Exception))
                     detail = server.describe_exit()
-                    server.remove_directory()
+                    await server.remove_directory()
                 if isinstance(exc, Exception) and not isinstance(exc, QemuError):
                     raise QemuError(
                         f"can't open file {server.path} through qemu-nbd - {exc} ({detail})"
@@ -518,7 +523,7 @@ class QemuImage:
             if status != 0:
                 raise QemuError(f"closing {self.path} failed - {detail}")
         finally:
-            self._server.remove_directory()
+            await self._server.remove_directory()
 
     async def abort(self) -> None:
         """Stop qemu-nbd at once (SIGTERM, then SIGKILL) and drop the connection."""
@@ -529,7 +534,7 @@ class QemuImage:
             await self._server.stop(graceful=False)
             with contextlib.suppress(Exception), anyio.move_on_after(STOP_GRACE):
                 await self.client.aclose()
-        self._server.remove_directory()
+        await self._server.remove_directory()
 
     async def __aenter__(self) -> Self:
         return self

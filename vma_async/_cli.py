@@ -37,6 +37,7 @@ from functools import partial
 from typing import TextIO
 
 import anyio
+import anyio.abc
 
 # The public API only: the command is a client of the library like any other.
 from . import (
@@ -211,10 +212,11 @@ Examples:
 vma serve FILE [--socket PATH | --listen [HOST:]PORT]
 
 Export every disk of an uncompressed archive (a file or block device)
-read-only over NBD, under its device name, until SIGINT or SIGTERM (exit 0;
-the socket file is removed).  Once it listens, prints one NBD URI per disk
-on stdout.  Any NBD client reads them: qemu-img, nbdcopy, nbdinfo,
-guestfish.  Zero and absent clusters show as holes in block status.
+read-only over NBD, under its device name.  Once it listens, prints one
+NBD URI per disk on stdout.  Any NBD client reads them: qemu-img, nbdcopy,
+nbdinfo, guestfish.  SIGINT or SIGTERM stops it: no new clients, requests
+in flight answered (a second signal, or 10 s, cuts them off), the socket
+file removed, exit 0.  Zero and absent clusters show as holes in block status.
   --socket PATH          a Unix socket (mode 0600; never replaces a file)
   --listen [HOST:]PORT   TCP (HOST defaults to 127.0.0.1: local only)
 Without either: TCP on 127.0.0.1:10809, the NBD port.  A compressed
@@ -939,21 +941,29 @@ async def cmd_serve(opts: Options) -> int:
     async with await VmaReader.open(archive) as reader:
         names = [dev.name for dev in reader.header.devices if not dev.is_vmstate]
     host, port = opts.listen or ("127.0.0.1", 10809)
+    stop = anyio.Event()
     serve = (
-        functools.partial(serve_archive, archive, unix_socket=opts.socket)
+        functools.partial(serve_archive, archive, unix_socket=opts.socket, stop=stop)
         if opts.socket is not None
-        else functools.partial(serve_archive, archive, host=host, port=port)
+        else functools.partial(serve_archive, archive, host=host, port=port, stop=stop)
     )
+
+    async def serving(*, task_status: anyio.abc.TaskStatus[str | tuple[str, int]]) -> None:
+        await serve(task_status=task_status)
+        tg.cancel_scope.cancel()  # stopped gracefully: stop waiting for signals
+
     # The signals are caught before the socket exists, so a stop request
-    # always takes the path that removes it.
+    # always takes the path that removes it.  The first one stops gracefully
+    # (requests in flight are answered, for up to 10 s); a second one at once.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with anyio.create_task_group() as tg:
-                address = await tg.start(serve)
+                address = await tg.start(serving)
                 _emit(sys.stdout, "".join(f"{_nbd_uri(address, name)}\n" for name in names))
                 async for _ in signals:
-                    break
-                tg.cancel_scope.cancel()
+                    if stop.is_set():
+                        tg.cancel_scope.cancel()
+                    stop.set()
         except BaseExceptionGroup as group:  # a refused archive or socket: one line, no traceback
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
                 raise group.exceptions[0] from None

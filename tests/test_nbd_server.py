@@ -239,6 +239,75 @@ async def test_cancelling_serve_nbd_closes_everything(tmp_path: Path) -> None:
     assert open_fds() == before
 
 
+async def test_a_graceful_stop_answers_what_is_in_flight_then_closes(tmp_path: Path) -> None:
+    disk = MemoryExport("disk", os.urandom(8192))
+    disk.gate = anyio.Event()
+    disk.gated_offset = 4096
+    sock = tmp_path / "s.sock"
+    stop = anyio.Event()
+    results: list[bytes] = []
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(
+            lambda task_status: serve_nbd(
+                [disk], unix_socket=sock, stop=stop, task_status=task_status
+            )
+        )
+        client = await NbdClient.connect(address, "disk")
+        haggling = await anyio.connect_unix(sock)  # still in the handshake when stopping
+
+        async def slow_read() -> None:
+            results.append(await client.read(4096, 100))
+
+        tg.start_soon(slow_read)
+        await anyio.wait_all_tasks_blocked()
+        stop.set()
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(NbdError, match="cannot connect"):  # the listener is closed
+            await NbdClient.connect(address, "disk")
+        disk.gate.set()  # the read in flight completes and is answered
+    # serve_nbd returned by itself: no cancellation needed
+    assert results == [bytes(disk.data[4096:4196])]
+    with pytest.raises(NbdError):
+        await client.read(0, 1)  # then the connection was closed
+    await client.aclose()
+    assert await receive_all(haggling) == proto.ServerConnection().greeting()
+    await haggling.aclose()
+    assert not await anyio.Path(sock).exists()
+
+
+async def test_a_graceful_stop_gives_up_after_the_grace(tmp_path: Path) -> None:
+    disk = MemoryExport("disk", os.urandom(8192))
+    disk.gate = anyio.Event()  # never set
+    disk.gated_offset = 0
+    stop = anyio.Event()
+    errors: list[BaseException] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(
+                lambda task_status: serve_nbd(
+                    [disk],
+                    unix_socket=tmp_path / "s.sock",
+                    stop=stop,
+                    grace=0.2,
+                    task_status=task_status,
+                )
+            )
+            client = await NbdClient.connect(address, "disk")
+
+            async def stuck_read() -> None:
+                try:
+                    await client.read(0, 10)
+                except NbdError as error:
+                    errors.append(error)
+
+            tg.start_soon(stuck_read)
+            await anyio.wait_all_tasks_blocked()
+            stop.set()
+    await client.aclose()
+    assert len(errors) == 1
+    assert "closed the connection" in str(errors[0])
+
+
 async def test_an_existing_socket_path_is_never_replaced(tmp_path: Path) -> None:
     sock = tmp_path / "taken.sock"
     sock.write_text("not a socket")

@@ -22,7 +22,9 @@ a 4 GiB option, closing mid-request) has its connection closed and logged;
 the others are served on.  An export that fails a read (a missing cluster,
 an I/O error) answers that request with EIO and keeps serving.
 Cancelling :func:`serve_nbd` closes the listener, every connection and the
-Unix socket file it created; nothing outlives it.
+Unix socket file it created; nothing outlives it.  Its ``stop`` event stops
+gracefully instead: no new clients, requests in flight answered, then the
+same (bounded by ``grace`` seconds).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -101,10 +103,16 @@ class NbdExport(abc.ABC):
         return int(flags)
 
 
-@dataclass(slots=True)
-class _Limits:
+@dataclass(eq=False, slots=True)
+class _Shared:
+    """What every connection of one server shares."""
+
+    exports: dict[str, NbdExport]
     max_requests_in_flight: int
     budget: _ByteBudget
+    sessions: set[_Session] = field(default_factory=set)
+    stopping: bool = False
+    idle: anyio.Event = field(default_factory=anyio.Event)  # stopping, and no session left
 
 
 class _ByteBudget:
@@ -141,6 +149,8 @@ async def serve_nbd(
     socket_mode: int = 0o600,
     max_requests_in_flight: int = 16,
     memory_budget: int = 256 * 1024 * 1024,
+    stop: anyio.Event | None = None,
+    grace: float = 10.0,
     task_status: anyio.abc.TaskStatus[str | tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``exports`` until cancelled.
@@ -151,6 +161,12 @@ async def serve_nbd(
     ``listener`` the caller made.  Use ``await tg.start(serve_nbd, ...)``: it
     reports the address to give :meth:`NbdClient.connect` (``"unix:PATH"`` or
     ``(host, port)``) once clients can connect.
+
+    Stopping: cancelling closes everything at once (requests in flight are
+    lost; their clients see the connection close).  Setting ``stop`` is the
+    graceful way, as the protocol recommends: the listener closes, every
+    connection stops reading requests, answers those in flight, then closes;
+    after ``grace`` seconds whatever is left is cancelled; then this returns.
     """
     by_name: dict[str, NbdExport] = {}
     for export in exports:
@@ -161,7 +177,7 @@ async def serve_nbd(
         raise ValueError("give exactly one of unix_socket, port or listener")
     if memory_budget < proto.MAX_PAYLOAD:
         raise ValueError(f"memory_budget must be at least {proto.MAX_PAYLOAD} (one request)")
-    limits = _Limits(max_requests_in_flight, _ByteBudget(memory_budget))
+    shared = _Shared(by_name, max_requests_in_flight, _ByteBudget(memory_budget))
     created: Path | None = None
     inode: int | None = None
     address: str | tuple[str, int]
@@ -187,17 +203,48 @@ async def serve_nbd(
             address = _listener_address(listener)
 
         async def handle(stream: anyio.abc.SocketStream) -> None:
-            await _serve_connection(stream, by_name, limits)
+            await _serve_connection(stream, shared)
 
-        async with listener, anyio.create_task_group() as tg:
-            if created is not None:
-                inode = (await anyio.Path(created).stat()).st_ino
-            task_status.started(address)
-            await listener.serve(handle, task_group=tg)
+        async with anyio.create_task_group() as connections:
+            accepting = anyio.CancelScope()
+            if stop is not None:
+                connections.start_soon(
+                    _stop_gracefully, stop, shared, accepting, connections.cancel_scope, grace
+                )
+            async with listener:
+                with accepting:
+                    if created is not None:
+                        inode = (await anyio.Path(created).stat()).st_ino
+                    task_status.started(address)
+                    await listener.serve(handle, task_group=connections)
     finally:
         if created is not None:
             with anyio.CancelScope(shield=True):
                 await _remove_socket(created, inode)
+
+
+async def _stop_gracefully(
+    stop: anyio.Event,
+    shared: _Shared,
+    accepting: anyio.CancelScope,
+    everything: anyio.CancelScope,
+    grace: float,
+) -> None:
+    await stop.wait()
+    shared.stopping = True
+    accepting.cancel()  # the listener closes: new clients are refused
+    for session in list(shared.sessions):
+        session.stop()
+    if shared.sessions:
+        with anyio.move_on_after(grace):
+            await shared.idle.wait()
+        if shared.sessions:
+            log.warning(
+                "%d NBD connection(s) still busy after %g s: closing them",
+                len(shared.sessions),
+                grace,
+            )
+            everything.cancel()
 
 
 def _listener_address(
@@ -223,16 +270,21 @@ async def _remove_socket(path: Path, inode: int | None) -> None:
     await anyio.to_thread.run_sync(remove)
 
 
-async def _serve_connection(
-    stream: anyio.abc.SocketStream, exports: dict[str, NbdExport], limits: _Limits
-) -> None:
+async def _serve_connection(stream: anyio.abc.SocketStream, shared: _Shared) -> None:
     peer = stream.extra(SocketAttribute.remote_address, "?") or "unix client"
-    session = _Session(stream, exports, limits)
+    session = _Session(stream, shared)
+    shared.sessions.add(session)
     try:
         async with stream:
-            await session.run()
+            with session.scope:
+                if not shared.stopping:  # accepted just as the server stopped: close
+                    await session.run()
     except Exception as error:  # a cancellation is no Exception: it goes through
         _log_end(peer, error)
+    finally:
+        shared.sessions.discard(session)
+        if shared.stopping and not shared.sessions:
+            shared.idle.set()
 
 
 _PEER_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
@@ -254,16 +306,23 @@ def _log_end(peer: object, error: BaseException) -> None:
 class _Session:
     """One client connection: the options, then the requests."""
 
-    def __init__(
-        self, stream: anyio.abc.SocketStream, exports: dict[str, NbdExport], limits: _Limits
-    ) -> None:
+    def __init__(self, stream: anyio.abc.SocketStream, shared: _Shared) -> None:
         self.stream = stream
         self.receiver = StreamReceiver(stream)
-        self.exports = exports
-        self.limits = limits
+        self.exports = shared.exports
+        self.shared = shared
+        self.scope = anyio.CancelScope()  # the whole connection
+        self.reading = anyio.CancelScope()  # reading requests, in transmission
         self.conn = proto.ServerConnection()
         self.send_lock = anyio.Lock()
         self.export: NbdExport | None = None
+
+    def stop(self) -> None:
+        """Stop reading: in transmission, what is in flight is still answered."""
+        if self.conn.in_transmission:
+            self.reading.cancel()
+        else:
+            self.scope.cancel()
 
     async def next_event(self) -> object:
         while True:
@@ -355,20 +414,25 @@ class _Session:
         return [*replies, conn.reply_ack(event.option)]
 
     async def transmit(self) -> None:
-        in_flight = anyio.Semaphore(self.limits.max_requests_in_flight)
+        in_flight = anyio.Semaphore(self.shared.max_requests_in_flight)
         async with anyio.create_task_group() as tg:
-            while True:
-                event = await self.next_event()
-                if isinstance(event, proto.Disconnect | proto.ConnectionClosed):
-                    break  # the task group finishes what is in flight
-                if not isinstance(event, proto.Request):
-                    raise NbdProtocolError(f"unexpected NBD message in transmission: {event!r}")
-                await in_flight.acquire()
-                # the bytes this request holds: its write data, or the read it will
-                # answer (an oversized read is refused, so it holds nothing)
-                reads = event.command == proto.CMD_READ and event.length <= self.conn.max_payload
-                held = await self.limits.budget.acquire(event.length if reads else len(event.data))
-                tg.start_soon(self.answer, event, in_flight, held)
+            with self.reading:  # cancelled to stop gracefully
+                while True:
+                    event = await self.next_event()
+                    if isinstance(event, proto.Disconnect | proto.ConnectionClosed):
+                        break  # the task group finishes what is in flight
+                    if not isinstance(event, proto.Request):
+                        raise NbdProtocolError(f"unexpected NBD message in transmission: {event!r}")
+                    await in_flight.acquire()
+                    # the bytes this request holds: its write data, or the read it will
+                    # answer (an oversized read is refused, so it holds nothing)
+                    reads = (
+                        event.command == proto.CMD_READ and event.length <= self.conn.max_payload
+                    )
+                    held = await self.shared.budget.acquire(
+                        event.length if reads else len(event.data)
+                    )
+                    tg.start_soon(self.answer, event, in_flight, held)
 
     async def answer(self, request: proto.Request, in_flight: anyio.Semaphore, held: int) -> None:
         try:
@@ -381,7 +445,7 @@ class _Session:
             pass
         finally:
             in_flight.release()
-            await self.limits.budget.release(held)
+            await self.shared.budget.release(held)
 
     async def answer_request(self, request: proto.Request) -> None:
         export = self.export

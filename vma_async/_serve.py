@@ -86,13 +86,22 @@ async def serve_archive(
     unix_socket: str | os.PathLike[str] | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
+    stop: anyio.Event | None = None,
+    grace: float = 10.0,
     task_status: anyio.abc.TaskStatus[str | tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every disk of the uncompressed ``archive`` (a file or block
-    device) until cancelled; the address goes to ``task_status`` once clients
-    can connect (use ``await tg.start(serve_archive, ...)``)."""
+    device) until cancelled, or until ``stop`` is set and the requests in
+    flight are answered (see :func:`serve_nbd`); the address goes to
+    ``task_status`` once clients can connect (use ``await tg.start(...)``)."""
     async with VmaReader.open(os.fspath(archive)) as reader:
         exports = await archive_exports(reader, archive)
         await serve_nbd(
-            exports, unix_socket=unix_socket, host=host, port=port, task_status=task_status
+            exports,
+            unix_socket=unix_socket,
+            host=host,
+            port=port,
+            stop=stop,
+            grace=grace,
+            task_status=task_status,
         )

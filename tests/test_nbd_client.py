@@ -256,9 +256,10 @@ async def run_against(
 
 
 async def handshake_then(
-    stream: anyio.abc.SocketStream, *, structured: bool = False
+    stream: anyio.abc.SocketStream, *, structured: bool = False, go: bool = True
 ) -> proto.ServerConnection:
-    """Play a well-behaved handshake up to GO, answering export 'disk'."""
+    """Play a well-behaved handshake up to GO, answering export 'disk' (an old
+    server without ``go`` refuses GO and takes EXPORT_NAME)."""
     server = proto.ServerConnection()
     await stream.send(server.greeting())
     while True:
@@ -276,12 +277,18 @@ async def handshake_then(
         elif isinstance(event, proto.MetaContextRequest):
             await stream.send(server.reply_meta_context(event.option, 1, proto.BASE_ALLOCATION))
             await stream.send(server.reply_ack(event.option))
+        elif isinstance(event, proto.GoRequest) and not go:
+            await stream.send(server.reply_error(event.option, proto.REP_ERR_UNSUP))
         elif isinstance(event, proto.GoRequest):
             await stream.send(server.reply_info_export(event.option, 1 << 20, 0))
             await stream.send(server.reply_go_ack())
             return server
+        elif isinstance(event, proto.ExportNameRequest):
+            assert event.name == "disk"
+            await stream.send(server.reply_export_name(1 << 20, proto.TransmissionFlags.READ_ONLY))
+            return server
         else:
-            raise AssertionError(event)  # noqa: TRY004
+            raise AssertionError(event)
 
 
 async def next_request(
@@ -345,3 +352,25 @@ async def test_a_huge_reply_length_is_refused_before_allocation(tmp_path: Path) 
     error = await run_against(tmp_path, behave)
     assert isinstance(error, NbdProtocolError)
     assert "too long" in str(error)
+
+
+async def test_an_old_server_without_go_or_structured_replies(tmp_path: Path) -> None:
+    sock = tmp_path / "old.sock"
+    listener = await anyio.create_unix_listener(sock)
+    async with listener, anyio.create_task_group() as tg:
+
+        async def old_server() -> None:
+            stream = await listener.accept()
+            async with stream:
+                server = await handshake_then(stream, go=False)
+                request = await next_request(stream, server)
+                await stream.send(server.reply_read_header(request.cookie, 0, 5) + b"hello")
+                with pytest.raises(anyio.EndOfStream):
+                    await next_request(stream, server)  # the client's DISC, then the end
+
+        tg.start_soon(old_server)
+        async with NbdClient.connect(f"unix:{sock}", "disk") as client:
+            assert client.size == 1 << 20
+            assert client.flags & proto.TransmissionFlags.READ_ONLY
+            assert await client.block_status(0, 100) == [(100, 0)]  # no context: all data
+            assert await client.read(0, 5) == b"hello"

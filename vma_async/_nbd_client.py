@@ -186,9 +186,10 @@ class NbdClient:
         if isinstance(await handshake.option(conn.send_structured_reply()), proto.OptionAck):
             await handshake.option(conn.send_meta_context(export_name, [proto.BASE_ALLOCATION]))
         max_payload = proto.MAX_PAYLOAD
-        outcome = await handshake.option(
-            conn.send_go(export_name, info_requests=[proto.INFO_BLOCK_SIZE])
-        )
+        # No NBD_INFO_BLOCK_SIZE request: asking would bind us to the server's
+        # minimum block size, and requests here are not aligned to one (the
+        # server then does any read-modify-write).  A maximum sent anyway is kept.
+        outcome = await handshake.option(conn.send_go(export_name))
         for event in handshake.events:
             if isinstance(event, proto.BlockSizeInfo) and event.maximum:
                 max_payload = min(max_payload, event.maximum)

@@ -14,7 +14,15 @@ import anyio
 import anyio.abc
 import pytest
 
-from vma_async import NbdClient, NbdCommandError, NbdError, NbdExport, NbdOptionError, serve_nbd
+from vma_async import (
+    NbdClient,
+    NbdCommandError,
+    NbdError,
+    NbdExport,
+    NbdOptionError,
+    NbdProtocolError,
+    serve_nbd,
+)
 from vma_async import _nbd_proto as proto
 from vma_async._nbd_client import list_nbd_exports
 
@@ -306,6 +314,17 @@ async def test_a_graceful_stop_gives_up_after_the_grace(tmp_path: Path) -> None:
     await client.aclose()
     assert len(errors) == 1
     assert "closed the connection" in str(errors[0])
+
+
+async def test_connections_beyond_the_limit_are_hung_up_on(tmp_path: Path) -> None:
+    disk = MemoryExport("disk", b"x" * 512)
+    async with serving([disk], tmp_path / "s.sock", max_connections=1) as address:
+        async with NbdClient.connect(address, "disk") as first:
+            with pytest.raises(NbdProtocolError, match="closed the connection"):
+                await NbdClient.connect(address, "disk")
+            assert await first.read(0, 1) == b"x"
+        await anyio.wait_all_tasks_blocked()  # the server has seen the first one go
+        await still_serving(address, disk)  # the slot is free again
 
 
 async def test_an_existing_socket_path_is_never_replaced(tmp_path: Path) -> None:

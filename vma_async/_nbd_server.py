@@ -12,7 +12,9 @@ LIST/SET_META_CONTEXT with ``base:allocation``, ABORT), then reads requests
 and starts one task per request, so replies go out as they complete (a send
 lock keeps each reply whole on the stream).
 
-Worst case: memory is bounded no matter what clients send.  The protocol
+Worst case: memory is bounded no matter what clients send.  At most
+``max_connections`` clients are served at once (more are hung up on at
+once), so idle connections cannot exhaust file descriptors.  The protocol
 core caps every length before allocating; each connection has at most
 ``max_requests_in_flight`` requests running and stops reading while at the
 limit (TCP backpressure does the rest); all connections together hold at
@@ -110,6 +112,7 @@ class _Shared:
     exports: dict[str, NbdExport]
     max_requests_in_flight: int
     budget: _ByteBudget
+    max_connections: int
     sessions: set[_Session] = field(default_factory=set)
     stopping: bool = False
     idle: anyio.Event = field(default_factory=anyio.Event)  # stopping, and no session left
@@ -149,6 +152,7 @@ async def serve_nbd(
     socket_mode: int = 0o600,
     max_requests_in_flight: int = 16,
     memory_budget: int = 256 * 1024 * 1024,
+    max_connections: int = 128,
     stop: anyio.Event | None = None,
     grace: float = 10.0,
     task_status: anyio.abc.TaskStatus[str | tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
@@ -177,7 +181,7 @@ async def serve_nbd(
         raise ValueError("give exactly one of unix_socket, port or listener")
     if memory_budget < proto.MAX_PAYLOAD:
         raise ValueError(f"memory_budget must be at least {proto.MAX_PAYLOAD} (one request)")
-    shared = _Shared(by_name, max_requests_in_flight, _ByteBudget(memory_budget))
+    shared = _Shared(by_name, max_requests_in_flight, _ByteBudget(memory_budget), max_connections)
     created: Path | None = None
     inode: int | None = None
     address: str | tuple[str, int]
@@ -272,6 +276,10 @@ async def _remove_socket(path: Path, inode: int | None) -> None:
 
 async def _serve_connection(stream: anyio.abc.SocketStream, shared: _Shared) -> None:
     peer = stream.extra(SocketAttribute.remote_address, "?") or "unix client"
+    if len(shared.sessions) >= shared.max_connections:
+        log.warning("NBD client %s refused: %d connections already", peer, len(shared.sessions))
+        await anyio.aclose_forcefully(stream)
+        return
     session = _Session(stream, shared)
     shared.sessions.add(session)
     try:

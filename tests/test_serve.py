@@ -252,3 +252,16 @@ async def test_vma_serve_refuses_a_compressed_archive_in_one_line(
         " (e.g. zstd -d FILE)\n"
     )
     assert not await anyio.Path(sock).exists()
+
+
+@requires_tools
+async def test_tcp_on_localhost(archive: tuple[Path, dict[str, bytes]]) -> None:
+    path, disks = archive
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(
+            lambda task_status: serve_archive(path, port=0, task_status=task_status)
+        )
+        assert host == "127.0.0.1"
+        copied = await run("nbdcopy", f"nbd://{host}:{port}/drive-virtio1", "-")
+        tg.cancel_scope.cancel()
+    assert copied == disks["drive-virtio1"]

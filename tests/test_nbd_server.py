@@ -327,6 +327,29 @@ async def test_connections_beyond_the_limit_are_hung_up_on(tmp_path: Path) -> No
         await still_serving(address, disk)  # the slot is free again
 
 
+async def test_closing_the_client_wakes_a_request_in_flight(tmp_path: Path) -> None:
+    disk = MemoryExport("disk", os.urandom(8192))
+    disk.gate = anyio.Event()
+    disk.gated_offset = 0
+    errors: list[BaseException] = []
+    async with serving([disk], tmp_path / "s.sock") as address:
+        client = await NbdClient.connect(address, "disk")
+
+        async def waiting_read() -> None:
+            try:
+                await client.read(0, 10)
+            except NbdError as error:
+                errors.append(error)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting_read)
+                await anyio.wait_all_tasks_blocked()
+                await client.aclose()
+        disk.gate.set()
+    assert [str(e) for e in errors] == ["the NBD client was closed"]
+
+
 async def test_an_existing_socket_path_is_never_replaced(tmp_path: Path) -> None:
     sock = tmp_path / "taken.sock"
     sock.write_text("not a socket")

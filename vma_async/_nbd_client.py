@@ -68,6 +68,12 @@ class StreamReceiver:
         self._stream = stream
         self._socket = _asyncio_unix_socket(stream)
 
+    def notify_closing(self) -> None:
+        """Call before closing the stream under a task that may be receiving:
+        it then raises ClosedResourceError instead of waiting forever."""
+        if self._socket is not None and self._socket.fileno() >= 0:
+            anyio.notify_closing(self._socket)
+
     async def receive(self) -> bytes:
         sock = self._socket
         if sock is None:
@@ -233,6 +239,7 @@ class NbdClient:
             pass
         finally:
             self._fail(NbdError("the NBD client was closed"))
+            self._receiver.notify_closing()  # a task waiting for replies wakes up
             await anyio.aclose_forcefully(self._stream)
 
     # -- requests

@@ -75,6 +75,14 @@ class MemoryExport(NbdExport):
         self.flushes += 1
 
 
+async def read_failing(client: NbdClient, offset: int, errors: list[BaseException]) -> None:
+    """A read that is expected to fail (the server or the client goes away)."""
+    try:
+        await client.read(offset, 10)
+    except NbdError as error:
+        errors.append(error)
+
+
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -225,14 +233,7 @@ async def test_cancelling_serve_nbd_closes_everything(tmp_path: Path) -> None:
                 )
                 client = await NbdClient.connect(address, "disk")
                 idle = await NbdClient.connect(address, "disk")
-
-                async def stuck_read() -> None:
-                    try:
-                        await client.read(4096, 100)
-                    except NbdError as error:
-                        caught.append(error)
-
-                outer.start_soon(stuck_read)
+                outer.start_soon(read_failing, client, 4096, caught)
                 await anyio.wait_all_tasks_blocked()
                 assert disk.active == 1
                 server_scope.cancel()
@@ -301,14 +302,7 @@ async def test_a_graceful_stop_gives_up_after_the_grace(tmp_path: Path) -> None:
                 )
             )
             client = await NbdClient.connect(address, "disk")
-
-            async def stuck_read() -> None:
-                try:
-                    await client.read(0, 10)
-                except NbdError as error:
-                    errors.append(error)
-
-            tg.start_soon(stuck_read)
+            tg.start_soon(read_failing, client, 0, errors)
             await anyio.wait_all_tasks_blocked()
             stop.set()
     await client.aclose()
@@ -335,15 +329,9 @@ async def test_closing_the_client_wakes_a_request_in_flight(tmp_path: Path) -> N
     async with serving([disk], tmp_path / "s.sock") as address:
         client = await NbdClient.connect(address, "disk")
 
-        async def waiting_read() -> None:
-            try:
-                await client.read(0, 10)
-            except NbdError as error:
-                errors.append(error)
-
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(waiting_read)
+                tg.start_soon(read_failing, client, 0, errors)
                 await anyio.wait_all_tasks_blocked()
                 await client.aclose()
         disk.gate.set()

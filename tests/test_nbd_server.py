@@ -429,9 +429,12 @@ async def test_unknown_and_malformed_options_get_error_replies_and_the_session_g
             await stream.send(option(99, b"whatever"))
             await stream.send(option(proto.OPT_LIST, b"data"))
             await stream.send(option(proto.OPT_GO, struct.pack(">I", 100) + b"short"))
+            # meta contexts before structured replies
+            await stream.send(option(proto.OPT_SET_META_CONTEXT, bytes(8)))
+            long_name = b"x" * 4000  # its error message would pass the 4 KiB string limit
             await stream.send(
-                option(proto.OPT_SET_META_CONTEXT, bytes(8))
-            )  # before structured replies
+                option(proto.OPT_GO, struct.pack(">I", 4000) + long_name + struct.pack(">H", 0))
+            )
             await stream.send(option(proto.OPT_ABORT))
             replies = await receive_all(stream)
     got = []
@@ -441,12 +444,14 @@ async def test_unknown_and_malformed_options_get_error_replies_and_the_session_g
         assert magic == proto.OPTION_REPLY_MAGIC
         got.append((opt, reply_type))
         assert length > 0 or reply_type == proto.REP_ACK  # errors carry a message
+        assert length <= proto.MAX_STRING_LENGTH
         at += 20 + length
     assert got == [
         (99, proto.REP_ERR_UNSUP),
         (proto.OPT_LIST, proto.REP_ERR_INVALID),
         (proto.OPT_GO, proto.REP_ERR_INVALID),
         (proto.OPT_SET_META_CONTEXT, proto.REP_ERR_INVALID),
+        (proto.OPT_GO, proto.REP_ERR_UNKNOWN),
         (proto.OPT_ABORT, proto.REP_ACK),
     ]
 

@@ -502,6 +502,14 @@ def _encode_string(text: str, what: str) -> bytes:
     return data
 
 
+def _message_bytes(message: str) -> bytes:
+    """An error message for the peer, cut to the protocol's string limit."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_STRING_LENGTH:
+        return data
+    return data[: MAX_STRING_LENGTH - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
 def _option_bytes(option: int, data: bytes = b"") -> bytes:
     return _OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
 
@@ -667,7 +675,7 @@ class ClientConnection:
     def _option_reply(self, option: int, reply_type: int, data: bytes) -> ClientEvent | _Sentinel:
         if reply_type & REP_FLAG_ERROR:
             self._option = None
-            message = _decode_string(data[:MAX_STRING_LENGTH], "NBD error message")
+            message = data[:MAX_STRING_LENGTH].decode("utf-8", "replace")  # only shown
             return OptionRefused(option, reply_type, message)
         if reply_type == REP_ACK:
             if data:
@@ -1178,9 +1186,7 @@ class ServerConnection:
                 raise RuntimeError("EXPORT_NAME cannot be refused; close the connection")
             self._deciding = None
             self._state = _ServerState.OPTIONS
-        return self._reply(
-            option, reply_type, _encode_string(message, "message")[:MAX_STRING_LENGTH]
-        )
+        return self._reply(option, reply_type, _message_bytes(message))
 
     def reply_server(self, name: str, description: str = "") -> bytes:
         encoded = _encode_string(name, "export name")
@@ -1276,7 +1282,7 @@ class ServerConnection:
             raise ValueError("an error reply needs a non-zero error")
         if not self.structured_replies:
             return self.reply_simple(cookie, error)
-        text = message.encode("utf-8")[:MAX_STRING_LENGTH]
+        text = _message_bytes(message)
         return (
             _CHUNK_HEADER.pack(
                 STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + len(text)

@@ -8,6 +8,7 @@ Neither does I/O: ``converse`` passes their bytes to each other.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from vma_async import _nbd_proto as proto
@@ -165,3 +166,29 @@ def recorded_session() -> tuple[bytes, bytes]:
             to_server += data
             server.feed(data)
     return bytes(to_server), bytes(to_client)
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with a few random flips, overwrites, cuts, insertions, huge
+    length fields or a truncation."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        if not buf:
+            break
+        at = rng.randrange(len(buf))
+        kind = rng.randrange(6)
+        if kind == 0:
+            buf[at] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            buf[at] = rng.randrange(256)
+        elif kind == 2:
+            del buf[at : at + rng.randint(1, 16)]
+        elif kind == 3:
+            buf[at:at] = rng.randbytes(rng.randint(1, 16))
+        elif kind == 4:  # a length or offset field gone huge
+            buf[at : at + 4] = rng.choice(
+                [b"\xff\xff\xff\xff", b"\x80\x00\x00\x00", b"\x00\x00\x00\x00"]
+            )
+        else:
+            del buf[at:]
+    return bytes(buf)

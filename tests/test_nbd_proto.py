@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nbd_peers import DISK, ToyClient, ToyServer, converse, recorded_session
+from nbd_peers import DISK, ToyClient, ToyServer, converse, mutate, recorded_session
 
 from vma_async import NbdProtocolError
 from vma_async import _nbd_proto as proto
@@ -247,30 +247,6 @@ def test_misuse_is_a_runtime_error_not_a_protocol_error() -> None:
 
 
 # --- mutation fuzz ------------------------------------------------------------------
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        if not buf:
-            break
-        at = rng.randrange(len(buf))
-        kind = rng.randrange(6)
-        if kind == 0:
-            buf[at] ^= 1 << rng.randrange(8)
-        elif kind == 1:
-            buf[at] = rng.randrange(256)
-        elif kind == 2:
-            del buf[at : at + rng.randint(1, 16)]
-        elif kind == 3:
-            buf[at:at] = rng.randbytes(rng.randint(1, 16))
-        elif kind == 4:  # a length or offset field gone huge
-            buf[at : at + 4] = rng.choice(
-                [b"\xff\xff\xff\xff", b"\x80\x00\x00\x00", b"\x00\x00\x00\x00"]
-            )
-        else:
-            del buf[at:]
-    return bytes(buf)
 
 
 def chunks(data: bytes, rng: random.Random) -> Iterator[bytes]:

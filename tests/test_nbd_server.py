@@ -4,7 +4,9 @@ cancellation.  (Clients no one here wrote are in test_serve.py.)"""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import random
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
+from nbd_peers import DISK, mutate, recorded_session
 
 from vma_async import (
     NbdClient,
@@ -529,3 +532,27 @@ async def test_a_client_that_floods_reads_and_leaves_costs_nothing_lasting(tmp_p
         await stream.aclose()  # gone without reading a single reply
         await still_serving(address, disk)
         assert disk.peak_active <= 4
+
+
+async def test_mutated_sessions_never_break_the_real_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A recorded client session, mutated, replayed against serve_nbd: every
+    connection ends (an answer, an error reply or a hang-up), nothing is logged
+    as a server bug, and the server serves on."""
+    to_server, _ = recorded_session()
+    disk = MemoryExport("disk", DISK, read_only=True)
+    rng = random.Random(5)
+    caplog.set_level(logging.INFO, logger="vma_async.nbd")
+    async with serving([disk], tmp_path / "s.sock") as address:
+        for _ in range(40):
+            stream = await anyio.connect_unix(address.removeprefix("unix:"))
+            async with stream:
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await stream.send(mutate(to_server, rng))
+                    await stream.send_eof()
+                await receive_all(stream)
+        await still_serving(address, disk)
+    bugs = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert bugs == []
+    assert any("broke the protocol" in r.getMessage() for r in caplog.records)

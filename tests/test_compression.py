@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from test_sources import feed_pipe, leaves_nothing, stdin_as
 
 from vma_async import CallbackSink, SourceError, VmaError, VmaReader
 from vma_async._decompress import _ZstdFrames
@@ -97,29 +97,6 @@ def compressed(name: str, archive: bytes) -> bytes:
     return _made_cache[name]
 
 
-def children() -> set[int]:
-    """Our live (or unreaped) child processes."""
-    pids: set[int] = set()
-    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        with open(path) as f:
-            pids.update(int(pid) for pid in f.read().split())
-    return pids
-
-
-def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
-
-
-@contextlib.contextmanager
-def leaves_nothing() -> Iterator[None]:
-    """No fd and no child process outlives the block."""
-    fds, kids = open_fds(), children()
-    yield
-    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds}
-    assert not leaked
-    assert children() - kids == set()
-
-
 async def restore(source: object, size: int) -> tuple[bytes, str | None]:
     image = bytearray(size)
 
@@ -131,37 +108,14 @@ async def restore(source: object, size: int) -> tuple[bytes, str | None]:
         return bytes(image), reader.compression
 
 
-def feed_pipe(data: bytes, stall: threading.Event | None = None) -> tuple[int, threading.Thread]:
-    """A pipe a thread fills.  With ``stall``: only the first half, then the
-    write end stays open (a silent producer) until the event is set."""
-    read_fd, write_fd = os.pipe()
-
-    def produce() -> None:
-        with os.fdopen(write_fd, "wb") as out, contextlib.suppress(BrokenPipeError):
-            if stall is None:
-                out.write(data)
-            else:
-                out.write(data[: len(data) // 2])
-                out.flush()
-                stall.wait(3.0)  # (bounded: code that cannot be cancelled fails, not hangs)
-
-    thread = threading.Thread(target=produce)
-    thread.start()
-    return read_fd, thread
-
-
 @contextlib.contextmanager
 def stdin_pipe(data: bytes) -> Iterator[None]:
     """Standard input (fd 0) is a pipe a thread fills."""
     read_fd, thread = feed_pipe(data)
-    saved = os.dup(0)
-    os.dup2(read_fd, 0)
-    os.close(read_fd)
     try:
-        yield
+        with stdin_as(read_fd):
+            yield
     finally:
-        os.dup2(saved, 0)
-        os.close(saved)
         thread.join()
 
 

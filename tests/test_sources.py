@@ -5,6 +5,7 @@ its own file (test_compression.py)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import socket
 import threading
@@ -26,16 +27,66 @@ IMAGE = os.urandom(9 * vb.CLUSTER) + bytes(3 * vb.CLUSTER) + os.urandom(1000)
 ARCHIVE = vb.archive([vb.Device("disk0", IMAGE)], [("qemu-server.conf", b"cores: 2\n")])
 
 
+# --- helpers shared with test_compression.py -----------------------------------------------------
+
+
 def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
+def children() -> set[int]:
+    """Our live (or unreaped) child processes."""
+    pids: set[int] = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(path) as f:
+            pids.update(int(pid) for pid in f.read().split())
+    return pids
+
+
 @contextlib.contextmanager
-def no_fd_leak() -> Iterator[None]:
-    before = open_fds()
+def leaves_nothing() -> Iterator[None]:
+    """No fd and no child process outlives the block."""
+    fds, kids = open_fds(), children()
     yield
-    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - before}
+    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds}
     assert not leaked
+    assert children() - kids == set()
+
+
+def feed_pipe(data: bytes, stall: threading.Event | None = None) -> tuple[int, threading.Thread]:
+    """A pipe a thread fills (a producer outside the event loop).  With
+    ``stall``: only the first half, then the write end stays open (a silent
+    producer) until the event is set."""
+    read_fd, write_fd = os.pipe()
+
+    def produce() -> None:
+        with os.fdopen(write_fd, "wb") as out, contextlib.suppress(BrokenPipeError):
+            if stall is None:
+                out.write(data)
+            else:
+                out.write(data[: len(data) // 2])
+                out.flush()
+                stall.wait(3.0)  # (bounded: code that cannot be cancelled fails, not hangs)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    return read_fd, thread
+
+
+@contextlib.contextmanager
+def stdin_as(fd: int) -> Iterator[None]:
+    """Standard input (fd 0) is ``fd`` (which this closes) for the block."""
+    saved = os.dup(0)
+    os.dup2(fd, 0)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+# --- the tests -----------------------------------------------------------------------------------
 
 
 async def restore_image(source: object) -> bytes:
@@ -64,7 +115,7 @@ def path(tmp_path: Path) -> Path:
 
 
 async def test_path(path: Path) -> None:
-    with no_fd_leak():
+    with leaves_nothing():
         assert await restore_image(path) == IMAGE
         assert await restore_image(str(path)) == IMAGE
 
@@ -127,19 +178,6 @@ async def test_fd_with_closefd_false_stays_open_at_its_offset(path: Path) -> Non
         os.close(fd)
 
 
-def feed_pipe(data: bytes) -> tuple[int, threading.Thread]:
-    """A pipe whose far end a thread fills (a producer outside the event loop)."""
-    read_fd, write_fd = os.pipe()
-
-    def produce() -> None:
-        with os.fdopen(write_fd, "wb") as out, contextlib.suppress(BrokenPipeError):
-            out.write(data)
-
-    thread = threading.Thread(target=produce)
-    thread.start()
-    return read_fd, thread
-
-
 async def test_pipe_fd_closefd_false_is_left_open_with_its_flags() -> None:
     read_fd, thread = feed_pipe(ARCHIVE)
     try:
@@ -164,15 +202,8 @@ async def test_pipe_fd_is_closed_by_default() -> None:
 
 @pytest.fixture
 def stdin_from(path: Path) -> Iterator[None]:
-    saved = os.dup(0)
-    fd = os.open(path, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
-    try:
+    with stdin_as(os.open(path, os.O_RDONLY)):
         yield
-    finally:
-        os.dup2(saved, 0)
-        os.close(saved)
 
 
 @pytest.mark.usefixtures("stdin_from")
@@ -241,7 +272,7 @@ async def test_fifo_with_a_late_writer_leaves_the_loop_free(fifo: Path) -> None:
     writer = threading.Thread(target=late_writer)
     writer.start()
     try:
-        with no_fd_leak():
+        with leaves_nothing():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(heartbeat)
                 image = await restore_image(fifo)
@@ -262,7 +293,7 @@ async def test_fifo_open_without_writer_is_cancellable(fifo: Path) -> None:
             ticks += 1
             await anyio.sleep(0.01)
 
-    with rescue_writer(fifo, after=3.0), no_fd_leak():
+    with rescue_writer(fifo, after=3.0), leaves_nothing():
         start = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat)

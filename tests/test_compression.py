@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from test_sources import feed_pipe, leaves_nothing, stdin_as
 
 from vma_async import CallbackSink, SourceError, VmaError, VmaReader
-from vma_async._decompress import _ZstdFrames
-from vma_async._sources import open_source
+from vma_async._decompress import _ChildSource, _ZstdFrames
+from vma_async._sources import ArchiveSource, open_source
 
 pytestmark = pytest.mark.anyio
 
@@ -266,6 +267,43 @@ async def test_missing_decompressor_is_named(
     monkeypatch.setenv("PATH", str(tmp_path))
     with leaves_nothing(), pytest.raises(SourceError, match="^can't run lzop - No such file"):
         await restore(path, len(image))
+
+
+class BytesSource(ArchiveSource):
+    """Archive bytes from memory, in small reads (the required method only)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def read(self, max_bytes: int) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        data, self._data = self._data[: min(max_bytes, 8192)], self._data[8192:]
+        return data
+
+
+async def test_a_chatty_failing_child_neither_blocks_nor_loses_its_reason() -> None:
+    """A decompressor that writes far more than a pipe holds to stderr before
+    it reads its input, then fails: it is fed and drained (no deadlock), its
+    output passes byte-exact, and the error quotes its last stderr line."""
+    data = os.urandom(3 << 20)
+    script = (
+        "head -c 2000000 /dev/zero | tr '\\0' x >&2; echo >&2; cat; echo 'disk on fire' >&2; exit 3"
+    )
+    out = bytearray()
+
+    async def drain(source: ArchiveSource) -> None:
+        while chunk := await source.read(1 << 20):
+            out.extend(chunk)
+
+    with leaves_nothing():
+        source = await _ChildSource.start(BytesSource(data), ["sh", "-c", script], "test", (0,))
+        try:
+            reason = r"^test decompression failed - disk on fire \(exit status 3\)$"
+            with pytest.raises(SourceError, match=reason):
+                await drain(source)
+        finally:
+            await source.aclose()
+    assert bytes(out) == data
 
 
 # --- cancellation ------------------------------------------------------------------------------

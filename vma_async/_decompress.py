@@ -57,7 +57,8 @@ LZOP_MAGIC: Final = b"\x89LZO\x00\r\n\x1a\n"
 _COMPRESSED_READ: Final = 1 << 20
 """Compressed bytes handed to a decompressor at once (and fed to a child)."""
 _STDERR_KEEP: Final = 4096
-"""Bytes of a child's stderr kept for its error message; the rest is drained."""
+"""Bytes of a child's stderr kept (the last ones) for its error message; the
+rest is drained, so a chatty child never blocks on a full stderr pipe."""
 _LZOP_OK: Final = (0, 2)
 """lzop exit statuses that mean the output is complete (2: a warning, such as
 trailing garbage after the last member or a multipart archive)."""
@@ -318,7 +319,7 @@ class _ChildSource(ArchiveSource):
     Each :meth:`read` takes what the child's stdout has; while it has
     nothing, the read feeds the child's stdin from the inner source (at most
     one chunk pending: bounded memory) and drains its stderr, keeping the
-    first 4 KiB for the error message.  A chunk is never fetched from the
+    last 4 KiB for the error message.  A chunk is never fetched from the
     inner source in a part of the read that our own cancellation can cut
     short, so no input is lost between reads.  At the end of the child's
     output the child is reaped and its exit status checked; :meth:`aclose`
@@ -472,8 +473,8 @@ class _ChildSource(ArchiveSource):
                 return True
             if not data:
                 return False
-            room = _STDERR_KEEP - len(self._stderr_kept)
-            self._stderr_kept += data[: max(room, 0)]
+            self._stderr_kept += data
+            del self._stderr_kept[:-_STDERR_KEEP]  # the last lines say why it failed
 
     async def _drain_stderr(self) -> None:
         while self._stderr >= 0 and self._read_stderr():

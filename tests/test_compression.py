@@ -301,6 +301,8 @@ async def test_a_chatty_failing_child_neither_blocks_nor_loses_its_reason() -> N
             reason = r"^test decompression failed - disk on fire \(exit status 3\)$"
             with pytest.raises(SourceError, match=reason):
                 await drain(source)
+            with pytest.raises(SourceError, match=reason):  # again, not a quiet end
+                await source.read(1 << 20)
         finally:
             await source.aclose()
     assert bytes(out) == data

@@ -346,7 +346,7 @@ class _ChildSource(ArchiveSource):
         self._stderr_kept = bytearray()
         self._output_ready = False
         self._fetching = False
-        self._exit_checked = False
+        self._failure: str | None = None
 
     @classmethod
     async def start(
@@ -391,8 +391,11 @@ class _ChildSource(ArchiveSource):
     async def read(self, max_bytes: int) -> bytes:
         if self._stdout < 0:
             raise SourceError("read failed - the source is closed")
+        if self._failure is not None:
+            raise SourceError(self._failure)
         data = await read_ready(self._stdout, min(max_bytes, READ_SIZE), self._pump)
         if not data:
+            self._close_stdin()  # its output is complete: it needs no more input
             await self._check_exit()
         return data
 
@@ -487,19 +490,23 @@ class _ChildSource(ArchiveSource):
         return self._process.returncode
 
     async def _check_exit(self) -> None:
-        """At the end of the output: reap the child and report a failure in its words."""
-        if self._exit_checked:
+        """At the end of its output: reap the child (draining its stderr, on
+        which it could otherwise block) and report a failure in its words."""
+        if self._process.returncode is not None:
             return
-        status = await self._wait_exit()
-        self._exit_checked = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._drain_stderr)
+            status = await self._wait_exit()
+            tg.cancel_scope.cancel()
         if status in self._ok_status:
             return
         with contextlib.suppress(OSError):
-            self._read_stderr()  # it has exited: all it wrote is in the pipe
+            self._read_stderr()  # it has exited: the rest of what it wrote
         lines = self._stderr_kept.decode(errors="replace").strip().splitlines()
         reason = lines[-1].strip() if lines else "no message"
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        raise SourceError(f"{self.compression} decompression failed - {reason} ({how})")
+        self._failure = f"{self.compression} decompression failed - {reason} ({how})"
+        raise SourceError(self._failure)
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):

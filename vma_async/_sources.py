@@ -353,11 +353,10 @@ class _PipeSource(ArchiveSource):
         if fd < 0:
             return
         anyio.notify_closing(fd)
-        try:
+        with contextlib.suppress(OSError):  # the flags of an fd already gone stay gone
             fcntl.fcntl(fd, fcntl.F_SETFL, self._flags)
-        finally:
-            if self._closefd:
-                os.close(fd)
+        if self._closefd:
+            os.close(fd)
 
 
 class _StreamSource(ArchiveSource):

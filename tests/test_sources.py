@@ -303,7 +303,7 @@ async def test_fifo_open_without_writer_is_cancellable(fifo: Path) -> None:
         elapsed = time.monotonic() - start
     assert scope.cancelled_caught
     assert elapsed < 2.0
-    assert ticks >= 10
+    assert ticks >= 5  # (about 30 on an idle machine; 0 when the open blocks the loop)
 
 
 async def test_fifo_whose_writer_leaves_without_writing_is_empty(fifo: Path) -> None:

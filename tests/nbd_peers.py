@@ -152,8 +152,17 @@ def converse(
 
 def recorded_session() -> tuple[bytes, bytes]:
     """The bytes each side sent in one complete structured session."""
+    to_server, handshake_replies, request_replies = recorded_session_parts()
+    return to_server, handshake_replies + request_replies
+
+
+def recorded_session_parts() -> tuple[bytes, bytes, bytes]:
+    """What the client sent, and what the server sent split where the
+    transmission phase starts: the handshake replies (up to GO's ack), then
+    the replies to the requests."""
     client, server = ToyClient(), ToyServer()
     to_server, to_client = bytearray(), bytearray()
+    split: int | None = None
     while client.out or server.out:
         if server.out:
             data = bytes(server.out)
@@ -165,7 +174,10 @@ def recorded_session() -> tuple[bytes, bytes]:
             client.out.clear()
             to_server += data
             server.feed(data)
-    return bytes(to_server), bytes(to_client)
+            if split is None and server.conn.in_transmission:
+                split = len(to_client) + len(server.out)
+    assert split is not None
+    return bytes(to_server), bytes(to_client[:split]), bytes(to_client[split:])
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:

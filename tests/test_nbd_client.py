@@ -3,8 +3,10 @@ hostile fake servers that break the protocol."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -15,10 +17,11 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import pytest
+from nbd_peers import mutate, recorded_session_parts
 
 from vma_async import NbdCommandError, NbdError, NbdOptionError, NbdProtocolError
 from vma_async import _nbd_proto as proto
-from vma_async._nbd_client import NbdClient, list_nbd_exports
+from vma_async._nbd_client import NbdClient, StreamReceiver, list_nbd_exports
 
 pytestmark = pytest.mark.anyio
 
@@ -374,3 +377,78 @@ async def test_an_old_server_without_go_or_structured_replies(tmp_path: Path) ->
             assert client.flags & proto.TransmissionFlags.READ_ONLY
             assert await client.block_status(0, 100) == [(100, 0)]  # no context: all data
             assert await client.read(0, 5) == b"hello"
+
+
+async def test_mutated_server_streams_only_ever_raise_nbd_errors(tmp_path: Path) -> None:
+    """A recorded server session, mutated, played to the real NbdClient making
+    the same four requests at once: it either works or raises NbdError."""
+    _, handshake, replies = recorded_session_parts()
+    rng = random.Random(11)
+    sock = tmp_path / "mutant.sock"
+    outcomes = {"ok": 0, "NbdError": 0}
+
+    async def play(listener: anyio.abc.SocketListener, first: bytes, then: bytes | None) -> None:
+        """Send ``first``; then, if any, ``then`` once the client's four
+        requests are in; then nothing more."""
+        conn = proto.ServerConnection()  # only to count the client's requests
+        requests = 0
+        stream = await listener.accept()
+        receiver = StreamReceiver(stream)
+        gone = (anyio.BrokenResourceError, OSError, NbdProtocolError)
+        async with stream:
+            with contextlib.suppress(*gone):
+                await stream.send(first)
+                while then is not None and requests < 4:
+                    event = conn.next_event()
+                    if event is proto.PAUSED:
+                        conn.reply_go_ack()
+                    elif event is proto.NEED_DATA:
+                        conn.receive_data(await receiver.receive())
+                    requests += isinstance(event, proto.Request)
+                await stream.send(then or b"")
+                await stream.send_eof()  # all it will ever say
+                while await receiver.receive():  # until the client hangs up
+                    pass
+
+    async def use(client: NbdClient) -> None:
+        failures: list[NbdError] = []
+
+        async def request(offset: int, length: int, status: bool = False) -> None:
+            try:
+                if status:
+                    await client.block_status(offset, length)
+                else:
+                    await client.read(offset, length)
+            except NbdCommandError:
+                pass  # the server's answer: fine
+            except NbdError as error:
+                failures.append(error)
+
+        # Cookies 1 to 4 in this order, as recorded: tasks start in order and
+        # take the (first come, first served) send lock in order.
+        async with anyio.create_task_group() as tg:
+            for offset, length in ((0, 4096), (5000, 5240), (10000, 1000)):
+                tg.start_soon(request, offset, length)
+            tg.start_soon(request, 4096, 6144, True)
+        if failures:
+            raise failures[0]
+
+    listener = await anyio.create_unix_listener(sock)
+    async with listener:
+        for attempt in range(40):
+            first, then = handshake, replies  # the first attempt intact
+            if attempt % 3 == 1:  # a broken handshake, and nothing after it
+                first, then = mutate(handshake, rng), None
+            elif attempt:
+                then = mutate(replies, rng)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(play, listener, first, then)
+                try:
+                    with anyio.fail_after(10):
+                        async with NbdClient.connect(f"unix:{sock}", "disk") as client:
+                            await use(client)
+                    outcomes["ok"] += 1
+                except NbdError:
+                    outcomes["NbdError"] += 1
+    assert outcomes["ok"] > 1
+    assert outcomes["NbdError"]

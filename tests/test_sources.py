@@ -200,6 +200,24 @@ async def test_pipe_fd_is_closed_by_default() -> None:
         thread.join()
 
 
+@pytest.mark.parametrize("closefd", [True, False])
+async def test_a_cancelled_open_honours_closefd(closefd: bool) -> None:
+    """Cancelled while it waits for the first bytes, the open closes the fd
+    it was given only when it owns it, and puts the flags back otherwise."""
+    read_fd, write_fd = os.pipe()
+    try:
+        with anyio.move_on_after(0.1) as scope:
+            await open_source(read_fd, closefd=closefd)
+        assert scope.cancelled_caught
+        assert is_open(read_fd) is not closefd
+        if not closefd:
+            assert os.get_blocking(read_fd)
+    finally:
+        os.close(write_fd)
+        if not closefd:
+            os.close(read_fd)
+
+
 @pytest.fixture
 def stdin_from(path: Path) -> Iterator[None]:
     with stdin_as(os.open(path, os.O_RDONLY)):

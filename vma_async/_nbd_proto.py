@@ -19,9 +19,10 @@ cap *before* anything is allocated or waited for.  Option data is at most
 write payloads and read replies at most :data:`MAX_PAYLOAD` (and never
 more than the request asked for), block-status chunks at most
 :data:`MAX_BLOCK_STATUS_CHUNK`; a longer one is an :class:`NbdProtocolError`
-(the caller hangs up), so a 4 GiB length field costs nothing.  Receive
-buffers grow only to the message being parsed (so at most one cap plus one
-network read); taking bytes from the front of a ``bytearray`` is O(taken).
+(the caller hangs up), so a 4 GiB length field costs nothing.  A receive
+buffer holds at most the message being parsed plus what one network read
+brought; it keeps the chunks as they came, so taking a message costs
+O(its size) (a 1 MiB read reply is copied once), never O(buffer).
 Malformed but bounded option data gets an ``NBD_REP_ERR_INVALID`` answer
 instead (the client may carry on), as the protocol asks.
 

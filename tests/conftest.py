@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from tests.harness import FdLeakCheck
+
 pytest_plugins = ["tests.s3_server"]  # the session's SeaweedFS (s3_server fixture)
 
 
@@ -18,3 +20,9 @@ pytest_plugins = ["tests.s3_server"]  # the session's SeaweedFS (s3_server fixtu
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def fd_leaks() -> FdLeakCheck:
+    """``before = fd_leaks.snapshot()`` ... ``fd_leaks.assert_same(before)``."""
+    return FdLeakCheck()

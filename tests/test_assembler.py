@@ -14,24 +14,28 @@ from hypothesis import strategies as st
 from tests.helpers_dissect import check_structure, read_with_dissect
 from tests.writer_model import ReferenceWriterModel
 from vma_async import (
+    BLOCK_SIZE,
+    CLUSTER_SIZE,
     BlobTooLargeError,
     ClusterRangeError,
     ClusterSizeError,
+    ExtentAssembler,
     HeaderWrittenError,
     IncompleteStreamError,
     InvalidStreamError,
     OpenStreamError,
     StreamClosedError,
+    StreamStatus,
     TooManyConfigsError,
     TooManyDevicesError,
 )
-from vma_async._assembler import WRITER_EXTENT_SIZE, ExtentAssembler, StreamStatus
+from vma_async._assembler import WRITER_EXTENT_SIZE
 from vma_async._format import decode_extent_header, decode_header
 
 UUID = uuid_mod.UUID("0123456789abcdef0123456789abcdef")
 CTIME = 1_700_000_000
-CLUSTER = 65536
-BLOCK = 4096
+CLUSTER = CLUSTER_SIZE
+BLOCK = BLOCK_SIZE
 
 
 class Driver:

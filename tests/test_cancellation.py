@@ -38,7 +38,9 @@ import anyio.to_thread
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from tests.harness import FdLeakCheck
 from vma_async import (
+    CLUSTER_SIZE,
     CallbackSink,
     CommandTarget,
     Sink,
@@ -46,12 +48,12 @@ from vma_async import (
     VmaReader,
     VmaWriter,
     WriterAbortedError,
+    extract_archive,
 )
-from vma_async import extract_archive
 
 pytestmark = pytest.mark.anyio
 
-CLUSTER = 65536
+CLUSTER = CLUSTER_SIZE
 UUID = uuid_mod.UUID(int=0xCA4CE1)
 
 
@@ -105,10 +107,6 @@ def counter(monkeypatch: pytest.MonkeyPatch) -> CancelCounter:
     return counter
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
 def assert_no_children() -> None:
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
@@ -128,6 +126,7 @@ async def sweep(
     counter: CancelCounter,
     operation: Callable[[], Awaitable[None]],
     check: Callable[[bool], Awaitable[None]],
+    fd_leaks: FdLeakCheck,
 ) -> Coverage:
     """Run ``operation`` once uncancelled to count its await points, then once
     per point with a cancellation there; ``check(cancelled)`` after each."""
@@ -135,7 +134,7 @@ async def sweep(
     tasks = len(anyio.get_running_tasks())
     k = most = 0
     while True:
-        fds = open_fds()
+        fds = fd_leaks.snapshot()
         with anyio.CancelScope() as scope:
             counter.arm(k, scope)
             try:
@@ -144,7 +143,7 @@ async def sweep(
                 counter.scope = None
         assert counter.fired or not scope.cancelled_caught
         await check(scope.cancelled_caught)
-        assert open_fds() == fds, f"fd leaked when cancelled at point {k}"
+        fd_leaks.assert_same(fds, f"fd leaked when cancelled at point {k}")
         assert len(anyio.get_running_tasks()) == tasks, f"task leaked at point {k}"
         assert_no_children()
         if not counter.fired:  # a cancelled run's count includes its shielded clean-up
@@ -220,7 +219,7 @@ WRITER_STYLES = ["async-with", "awaited", "exec"]
 
 @pytest.mark.parametrize("style", WRITER_STYLES)
 async def test_cancel_the_writer_at_every_point(
-    counter: CancelCounter, tmp_path: Path, style: str
+    counter: CancelCounter, tmp_path: Path, style: str, fd_leaks: FdLeakCheck
 ) -> None:
     path = tmp_path / "backup.vma"
     whole_outputs: list[int] = []
@@ -258,7 +257,7 @@ async def test_cancel_the_writer_at_every_point(
         if exists:
             await anyio.Path(path).unlink()
 
-    coverage = await sweep(counter, backup, check)
+    coverage = await sweep(counter, backup, check, fd_leaks)
     if style != "exec":  # a pipe's timing makes the exec run's count vary
         assert coverage.covered == coverage.runs
     print(f"\nwriter {style}: {coverage}, whole exec outputs at points {whole_outputs}")
@@ -328,7 +327,7 @@ READER_STYLES = ["extract", "restore-stream", "verify"]
 
 @pytest.mark.parametrize("style", READER_STYLES)
 async def test_cancel_the_reader_at_every_point(
-    counter: CancelCounter, tmp_path: Path, archive: Path, style: str
+    counter: CancelCounter, tmp_path: Path, archive: Path, style: str, fd_leaks: FdLeakCheck
 ) -> None:
     out = tmp_path / "out"
     data = await anyio.Path(archive).read_bytes()
@@ -377,7 +376,7 @@ async def test_cancel_the_reader_at_every_point(
         elif style == "restore-stream" and not cancelled:
             assert {k: bytes(v) for k, v in restored.items()} == IMAGES
 
-    coverage = await sweep(counter, restore, check)
+    coverage = await sweep(counter, restore, check, fd_leaks)
     assert coverage.covered == coverage.runs
     print(f"\nreader {style}: {coverage}")
     assert coverage.cancelled > 0

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from vma_async import BLOCK_SIZE, CLUSTER_SIZE
 from vma_async._format import (
-    BLOCK_SIZE,
-    CLUSTER_SIZE,
     decode_header,
     encode_extent_header,
     encode_header,

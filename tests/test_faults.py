@@ -40,7 +40,9 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
+from tests.harness import FdLeakCheck
 from vma_async import (
+    CLUSTER_SIZE,
     CallbackSink,
     CommandFailedError,
     CommandTarget,
@@ -53,18 +55,14 @@ from vma_async import (
     TruncatedArchiveError,
     VmaReader,
     VmaWriter,
+    extract_archive,
 )
-from vma_async import extract_archive
 
 pytestmark = pytest.mark.anyio
 
-CLUSTER = 65536
+CLUSTER = CLUSTER_SIZE
 ARCHIVE_CLUSTERS = 48
 """3 MiB of random data: more than the tmpfs, the pipe buffers and a head -c."""
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def assert_no_children() -> None:
@@ -103,8 +101,8 @@ async def write_archive(target: str | os.PathLike[str] | int | Target) -> None:
 # --- output faults while writing ----------------------------------------------------------------
 
 
-async def test_disk_full_file_target(small_fs: Path) -> None:
-    fds = open_fds()
+async def test_disk_full_file_target(small_fs: Path, fd_leaks: FdLeakCheck) -> None:
+    fds = fd_leaks.snapshot()
     path = small_fs / "backup.vma"
     with pytest.raises(TargetError) as caught:
         await write_archive(path)
@@ -112,16 +110,16 @@ async def test_disk_full_file_target(small_fs: Path) -> None:
     assert str(caught.value) == "vma_queue_write: write error - No space left on device"
     assert os.listdir(small_fs) == []  # the partial archive is gone, its space free again
     assert os.statvfs(small_fs).f_bfree == os.statvfs(small_fs).f_blocks
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
-async def test_disk_full_fd_target() -> None:
-    fds = open_fds()
+async def test_disk_full_fd_target(fd_leaks: FdLeakCheck) -> None:
+    fds = fd_leaks.snapshot()
     fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
     with pytest.raises(TargetError) as caught:
         await write_archive(fd)  # an int fd: the writer's to close (closefd=True)
     assert str(caught.value) == "vma_queue_write: write error - No space left on device"
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 COMMAND_FAULTS = [
@@ -179,9 +177,9 @@ COMMAND_FAULTS = [
 
 @pytest.mark.parametrize(("command", "error", "message", "status"), COMMAND_FAULTS)
 async def test_exec_target_faults(
-    command: str, error: type[Exception], message: str, status: int
+    command: str, error: type[Exception], message: str, status: int, fd_leaks: FdLeakCheck
 ) -> None:
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     # kill_after bounds how long a child that stopped reading may linger
     # before it is terminated; it is not a synchronisation.
     target = CommandTarget(command, kill_after=0.5)
@@ -193,11 +191,11 @@ async def test_exec_target_faults(
     assert target.pid is not None
     assert not os.path.exists(f"/proc/{target.pid}")  # noqa: ASYNC240 - procfs, no I/O
     assert_no_children()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
-async def test_exec_child_killed_from_outside_before_any_data() -> None:
-    fds = open_fds()
+async def test_exec_child_killed_from_outside_before_any_data(fd_leaks: FdLeakCheck) -> None:
+    fds = fd_leaks.snapshot()
     target = CommandTarget("cat > /dev/null")
 
     async def backup() -> None:
@@ -214,7 +212,7 @@ async def test_exec_child_killed_from_outside_before_any_data() -> None:
     assert str(caught.value) == "command 'cat > /dev/null' was killed by signal 9 (SIGKILL)"
     assert target.returncode == -9
     assert_no_children()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 # --- input faults while reading -----------------------------------------------------------------
@@ -251,8 +249,10 @@ def extent_offsets(archive: bytes) -> list[int]:
     return offsets
 
 
-async def test_eof_mid_extent_extract_leaves_nothing(tmp_path: Path, archive_bytes: bytes) -> None:
-    fds = open_fds()
+async def test_eof_mid_extent_extract_leaves_nothing(
+    tmp_path: Path, archive_bytes: bytes, fd_leaks: FdLeakCheck
+) -> None:
+    fds = fd_leaks.snapshot()
     cut = extent_offsets(archive_bytes)[0] + 512 + 10 * 4096 + 100  # inside the first
     path = tmp_path / "cut.vma"
     path.write_bytes(archive_bytes[:cut])
@@ -263,7 +263,7 @@ async def test_eof_mid_extent_extract_leaves_nothing(tmp_path: Path, archive_byt
         await extract_archive(path, target)
     assert str(caught.value) == f"short vma extent ({cut - first} < {extent_size})"
     assert sorted(os.listdir(tmp_path)) == ["cut.vma"]  # no out/, no tmp-disk-*.raw
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 class FailingStream(anyio.abc.ByteReceiveStream):
@@ -287,8 +287,10 @@ def file_sinks(directory: Path) -> dict[str | int, Sink]:
     return {name: RawFileSink(directory / f"{name}.raw", 0) for name in ("big", "small")}
 
 
-async def test_source_fails_mid_stream(tmp_path: Path, archive_bytes: bytes) -> None:
-    fds = open_fds()
+async def test_source_fails_mid_stream(
+    tmp_path: Path, archive_bytes: bytes, fd_leaks: FdLeakCheck
+) -> None:
+    fds = fd_leaks.snapshot()
     out = tmp_path / "out"
     out.mkdir()
     reader = await VmaReader.open(FailingStream(archive_bytes, len(archive_bytes) // 2))
@@ -297,7 +299,7 @@ async def test_source_fails_mid_stream(tmp_path: Path, archive_bytes: bytes) -> 
             await reader.restore(file_sinks(out))
     assert str(caught.value) == "read failed - connection reset by peer"
     assert os.listdir(out) == []
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 async def test_unreadable_source(tmp_path: Path) -> None:
@@ -312,9 +314,9 @@ class SinkExploded(Exception):
 
 @pytest.mark.parametrize("raised", [SinkExploded("sink exploded"), SinkError("sink refused")])
 async def test_a_sink_that_raises_stops_the_restore(
-    tmp_path: Path, archive_bytes: bytes, raised: Exception
+    tmp_path: Path, archive_bytes: bytes, raised: Exception, fd_leaks: FdLeakCheck
 ) -> None:
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     path = tmp_path / "a.vma"
     path.write_bytes(archive_bytes)
     out = tmp_path / "out"
@@ -335,13 +337,13 @@ async def test_a_sink_that_raises_stops_the_restore(
     assert caught.value is raised  # the sink's own error, as it raised it
     assert writes == 2  # nothing was handed to the failed sink after its failure
     assert os.listdir(out) == []  # the other sink's file is removed
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 async def test_a_sink_whose_disk_fills(
-    small_fs: Path, archive_bytes: bytes, tmp_path: Path
+    small_fs: Path, archive_bytes: bytes, tmp_path: Path, fd_leaks: FdLeakCheck
 ) -> None:
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     path = tmp_path / "a.vma"
     path.write_bytes(archive_bytes)
     async with await VmaReader.open(path) as reader:
@@ -350,13 +352,13 @@ async def test_a_sink_whose_disk_fills(
     # Both sinks share the full disk: whichever hits it first is the one reported.
     assert re.fullmatch(r"write to (big|small) failed - No space left on device", str(caught.value))
     assert os.listdir(small_fs) == []
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 async def test_extract_whose_disk_fills_leaves_nothing(
-    small_fs: Path, archive_bytes: bytes, tmp_path: Path
+    small_fs: Path, archive_bytes: bytes, tmp_path: Path, fd_leaks: FdLeakCheck
 ) -> None:
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     path = tmp_path / "a.vma"
     path.write_bytes(archive_bytes)
     with pytest.raises(SinkError) as caught:
@@ -364,4 +366,4 @@ async def test_extract_whose_disk_fills_leaves_nothing(
     assert re.fullmatch(r"write to (big|small) failed - No space left on device", str(caught.value))
     assert os.listdir(small_fs) == []  # neither tmp-disk-*.raw nor disk-*.raw, nor out/
     assert os.statvfs(small_fs).f_bfree == os.statvfs(small_fs).f_blocks
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)

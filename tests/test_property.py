@@ -30,10 +30,11 @@ import anyio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.harness import produce as produce_concurrently
 from tests.helpers_dissect import check_structure, read_with_dissect
-from vma_async import CLUSTER_SIZE, CallbackSink, Sink, VmaReader, VmaWriter
+from vma_async import BLOCK_SIZE, CLUSTER_SIZE, CallbackSink, Sink, VmaReader, VmaWriter
 
-BLOCK = 4096
+BLOCK = BLOCK_SIZE
 BACKENDS: list[tuple[str, dict[str, Any]]] = [
     ("asyncio", {}),
     ("asyncio", {"use_uvloop": True}),
@@ -141,40 +142,14 @@ async def write_archive(
     async def produce(writer: VmaWriter) -> None:
         for name, data in spec.configs:
             writer.add_config(name, data)
-        ids = {name: writer.register_stream(name, len(data)) for name, data in images.items()}
-        clusters = {name: -(-len(data) // CLUSTER_SIZE) for name, data in images.items()}
-        work = [(n, c) for n in images if n != "vmstate" for c in range(clusters[n])]
-        random.Random(spec.order_seed).shuffle(work)
-        remaining = dict(clusters)
-        steps = 0
-
-        async def write_one(name: str, cluster: int) -> None:
-            nonlocal steps
-            chunk = images[name][cluster * CLUSTER_SIZE : (cluster + 1) * CLUSTER_SIZE]
-            zero = chunk.count(0) == len(chunk)
-            await writer.write(ids[name], cluster, None if zero and spec.zero_as_none else chunk)
-            steps += 1
-            if steps % spec.yield_every == 0:
-                await anyio.lowlevel.checkpoint()
-            remaining[name] -= 1
-            if remaining[name] == 0:
-                await writer.close_stream(ids[name])
-
-        async def producer() -> None:
-            while work:
-                await write_one(*work.pop())
-
-        async def vmstate_producer() -> None:
-            for cluster in range(clusters["vmstate"]):
-                await write_one("vmstate", cluster)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(spec.producers):
-                tg.start_soon(producer)
-            if "vmstate" in images:
-                tg.start_soon(vmstate_producer)
-        if not images:
-            await writer.flush()
+        await produce_concurrently(
+            writer,
+            images,
+            producers=spec.producers,
+            seed=spec.order_seed,
+            zero_as_none=lambda cluster: spec.zero_as_none,
+            yield_every=spec.yield_every,
+        )
 
     if spec.context_manager:
         async with VmaWriter.open(

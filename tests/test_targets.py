@@ -13,6 +13,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from tests.harness import FdLeakCheck
 from vma_async import (
     CommandFailedError,
     CommandTarget,
@@ -25,10 +26,6 @@ from vma_async import (
 from vma_async._targets import Target, resolve_target
 
 pytestmark = pytest.mark.anyio
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def aligned(data: bytes) -> memoryview:
@@ -156,14 +153,14 @@ async def test_new_file_without_direct(tmp_path: Path) -> None:
     assert (tmp_path / "c.vma").read_bytes() == b"abc"
 
 
-async def test_new_file_never_overwrites(tmp_path: Path) -> None:
+async def test_new_file_never_overwrites(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     path = tmp_path / "exists"
     path.write_bytes(b"keep")
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     with pytest.raises(TargetExistsError, match=f"^can't open file {path} - File exists$"):
         await NewFileTarget(path).open()
     assert path.read_bytes() == b"keep"
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 async def test_new_file_in_missing_directory(tmp_path: Path) -> None:
@@ -172,16 +169,16 @@ async def test_new_file_in_missing_directory(tmp_path: Path) -> None:
         await NewFileTarget(path).open()
 
 
-async def test_new_file_abort_removes_it(tmp_path: Path) -> None:
+async def test_new_file_abort_removes_it(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     path = tmp_path / "d.vma"
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     target = NewFileTarget(path)
     await target.open()
     await target.write(aligned(bytes(512)))
     await target.abort()
     await target.abort()  # idempotent, never raises
     assert not path.exists()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 # --- FIFO ----------------------------------------------------------------------------
@@ -213,14 +210,14 @@ async def test_fifo_open_waits_for_a_reader(tmp_path: Path) -> None:
     assert fds_open_on(fifo) == []
 
 
-async def test_fifo_open_is_cancellable(tmp_path: Path) -> None:
+async def test_fifo_open_is_cancellable(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     with anyio.move_on_after(0.05) as scope:
         await FifoTarget(fifo).open()
     assert scope.cancelled_caught
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 # --- the caller's fd -------------------------------------------------------------------
@@ -308,8 +305,8 @@ async def test_command_killed_by_a_signal() -> None:
         await target.close()
 
 
-async def test_command_abort_ends_the_whole_pipeline() -> None:
-    fds = open_fds()
+async def test_command_abort_ends_the_whole_pipeline(fd_leaks: FdLeakCheck) -> None:
+    fds = fd_leaks.snapshot()
     target = CommandTarget("cat | sleep 30")
     await target.open()
     await target.write(memoryview(b"partial"))
@@ -317,7 +314,7 @@ async def test_command_abort_ends_the_whole_pipeline() -> None:
     await target.abort()
     assert target.returncode == -15
     await wait_for_group(target.pid or 0, 0, at_least=False)
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 async def test_command_ignoring_sigterm_is_killed_after_the_grace_period() -> None:

@@ -21,6 +21,7 @@ import anyio.lowlevel
 import pytest
 import zstandard
 
+from tests.harness import FdLeakCheck, produce
 from tests.helpers_dissect import check_structure, chunks, read_with_dissect
 from tests.writer_model import ReferenceWriterModel
 from vma_async import (
@@ -28,6 +29,7 @@ from vma_async import (
     CLUSTER_SIZE,
     ClusterRangeError,
     CommandFailedError,
+    CommandTarget,
     FdTarget,
     InvalidStreamError,
     NewFileTarget,
@@ -38,7 +40,6 @@ from vma_async import (
     WriterAbortedError,
 )
 from vma_async._assembler import WRITER_EXTENT_SIZE
-from vma_async._targets import CommandTarget
 
 pytestmark = pytest.mark.anyio
 
@@ -59,53 +60,6 @@ def make_image(size: int, kind: str, rng: random.Random) -> bytes:
         bytes(BLOCK) if rng.random() < 0.5 else rng.randbytes(BLOCK) for _ in range(blocks)
     )
     return mixed[:size]
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-async def produce(
-    writer: VmaWriter, images: dict[str, bytes], *, producers: int = 4, seed: int = 0
-) -> None:
-    """Register every image and write it from ``producers`` concurrent tasks in
-    shuffled cluster order (the vmstate stream, if any, by its own task in
-    order); whoever writes a device's last cluster closes its stream."""
-    rng = random.Random(seed)
-    ids = {name: writer.register_stream(name, len(data)) for name, data in images.items()}
-    work = [
-        (name, c)
-        for name, data in images.items()
-        if name != "vmstate"
-        for c in range(len(chunks(data)))
-    ]
-    rng.shuffle(work)
-    remaining = {name: len(chunks(data)) for name, data in images.items()}
-
-    async def write_one(name: str, c: int) -> None:
-        data = chunks(images[name])[c]
-        # All-zero clusters go as None half the time: both spellings must work.
-        payload = None if data.count(0) == len(data) and c % 2 else data
-        expected = min(CLUSTER, len(images[name]) - c * CLUSTER) if name != "vmstate" else CLUSTER
-        assert await writer.write(ids[name], c, payload) == expected
-        await anyio.lowlevel.checkpoint()  # let the other producers interleave
-        remaining[name] -= 1
-        if remaining[name] == 0:
-            await writer.close_stream(ids[name])
-
-    async def producer() -> None:
-        while work:
-            await write_one(*work.pop())
-
-    async def vmstate_producer() -> None:
-        for c in range(len(chunks(images["vmstate"]))):
-            await write_one("vmstate", c)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(producers):
-            tg.start_soon(producer)
-        if "vmstate" in images:
-            tg.start_soon(vmstate_producer)
 
 
 def assert_archive(archive: bytes, images: dict[str, bytes], configs: dict[str, bytes]) -> None:
@@ -227,18 +181,18 @@ async def test_archive_without_streams(tmp_path: Path) -> None:
 # --- targets other than a new file -------------------------------------------------
 
 
-async def test_exec_into_zstd(tmp_path: Path) -> None:
+async def test_exec_into_zstd(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     rng = random.Random(8)
     images = {
         "d0": make_image(20 * CLUSTER + 9, "mixed", rng),
         "d1": make_image(CLUSTER, "random", rng),
     }
     out = tmp_path / "backup.vma.zst"
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     async with VmaWriter.open(f"exec:zstd -q -o {out}") as writer:
         writer.add_config("qemu-server.conf", b"cfg")
         await produce(writer, images)
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
     archive = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
     assert_archive(archive, images, {"qemu-server.conf": b"cfg"})
 
@@ -311,26 +265,26 @@ async def write_archive(target: str | int, clusters: int) -> None:
         await writer.close_stream(1)
 
 
-async def test_existing_target_is_never_overwritten(tmp_path: Path) -> None:
+async def test_existing_target_is_never_overwritten(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     path = tmp_path / "exists.vma"
     path.write_bytes(b"precious")
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     with pytest.raises(TargetExistsError, match=f"^can't open file {path} - File exists$"):
         await VmaWriter.open(path)
     assert path.read_bytes() == b"precious"
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
-async def test_invalid_call_aborts_and_sticks(tmp_path: Path) -> None:
+async def test_invalid_call_aborts_and_sticks(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     path = tmp_path / "bad.vma"
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     writer = await VmaWriter.open(path)
     writer.register_stream("d", CLUSTER)
     await writer.write(1, 0, None)
     with pytest.raises(InvalidStreamError, match="^vma_writer_write: no such stream 2$"):
         await writer.write(2, 0, None)
     assert not path.exists()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
     error = writer.status().error
     assert isinstance(error, InvalidStreamError)
     for call in (writer.write(1, 0, None), writer.close_stream(1), writer.flush(), writer.aclose()):
@@ -339,9 +293,11 @@ async def test_invalid_call_aborts_and_sticks(tmp_path: Path) -> None:
         assert info.value.__cause__ is error  # a fresh error, chained to the sticky one
 
 
-async def test_close_with_open_stream_removes_the_file(tmp_path: Path) -> None:
+async def test_close_with_open_stream_removes_the_file(
+    tmp_path: Path, fd_leaks: FdLeakCheck
+) -> None:
     path = tmp_path / "open.vma"
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
 
     async def leave_b_open() -> None:
         async with VmaWriter.open(path) as writer:
@@ -353,12 +309,12 @@ async def test_close_with_open_stream_removes_the_file(tmp_path: Path) -> None:
     with pytest.raises(OpenStreamError, match="^vma_writer_close: detected open stream 'b'$"):
         await leave_b_open()
     assert not path.exists()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
-async def test_producer_that_raises_aborts(tmp_path: Path) -> None:
+async def test_producer_that_raises_aborts(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
     path = tmp_path / "raises.vma"
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
 
     async def failing_producer(writer: VmaWriter, dev_id: int) -> None:
         for c in range(30):
@@ -379,7 +335,7 @@ async def test_producer_that_raises_aborts(tmp_path: Path) -> None:
                 tg.start_soon(failing_producer, writer, bad)
                 tg.start_soon(good_producer, writer, good)
     assert not path.exists()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
     error = writer.status().error
     assert isinstance(error, WriterAbortedError)
     # The producer's failure is the reason, unless the other producer was
@@ -397,10 +353,12 @@ async def test_producer_that_raises_aborts(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("target_kind", ["file", "exec"])
-async def test_cancellation_in_the_middle(tmp_path: Path, target_kind: str) -> None:
+async def test_cancellation_in_the_middle(
+    tmp_path: Path, target_kind: str, fd_leaks: FdLeakCheck
+) -> None:
     path = tmp_path / "cancelled.vma"
     target = CommandTarget(f"cat > {tmp_path / 'piped'}") if target_kind == "exec" else path
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     with anyio.CancelScope() as scope:
         async with VmaWriter.open(target) as writer:
             dev_id = writer.register_stream("d", 500 * CLUSTER)
@@ -410,7 +368,7 @@ async def test_cancellation_in_the_middle(tmp_path: Path, target_kind: str) -> N
                     scope.cancel()
     assert scope.cancelled_caught
     assert not path.exists()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
     assert isinstance(writer.status().error, WriterAbortedError)
     assert str(writer.status().error) == "vma archive aborted: cancelled"
     if isinstance(target, CommandTarget):
@@ -418,8 +376,8 @@ async def test_cancellation_in_the_middle(tmp_path: Path, target_kind: str) -> N
         assert not await anyio.Path(f"/proc/{target.pid}").exists()
 
 
-async def test_failing_command_at_close(tmp_path: Path) -> None:
-    fds = open_fds()
+async def test_failing_command_at_close(tmp_path: Path, fd_leaks: FdLeakCheck) -> None:
+    fds = fd_leaks.snapshot()
     command = "cat > /dev/null; exit 3"
     writer = await VmaWriter.open(f"exec:{command}")
     writer.register_stream("d", CLUSTER)
@@ -428,14 +386,14 @@ async def test_failing_command_at_close(tmp_path: Path) -> None:
     with pytest.raises(CommandFailedError, match=f"^command '{command}' exited with status 3$"):
         await writer.aclose()
     assert isinstance(writer.status().error, CommandFailedError)
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
-async def test_command_that_exits_early() -> None:
-    fds = open_fds()
+async def test_command_that_exits_early(fd_leaks: FdLeakCheck) -> None:
+    fds = fd_leaks.snapshot()
     with pytest.raises(CommandFailedError, match="^command 'exit 4' exited with status 4$"):
         await write_archive("exec:exit 4", 200)
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
 
 
 async def test_output_error_is_sticky() -> None:
@@ -522,11 +480,13 @@ async def test_one_way_to_open_and_close(tmp_path: Path, style: str) -> None:
     assert_archive(path.read_bytes(), images, {})
 
 
-async def test_cancelled_aclose_still_closes_ungracefully(tmp_path: Path) -> None:
+async def test_cancelled_aclose_still_closes_ungracefully(
+    tmp_path: Path, fd_leaks: FdLeakCheck
+) -> None:
     """trio's AsyncResource rule: a cancelled aclose aborts (no file that
     looks complete, no fd), and later calls say the archive was aborted."""
     path = tmp_path / "c.vma"
-    fds = open_fds()
+    fds = fd_leaks.snapshot()
     writer = await VmaWriter.open(path)
     dev_id = writer.register_stream("d", 3 * CLUSTER)
     for cluster in range(3):
@@ -537,7 +497,7 @@ async def test_cancelled_aclose_still_closes_ungracefully(tmp_path: Path) -> Non
         await writer.aclose()
     assert scope.cancelled_caught
     assert not path.exists()
-    assert open_fds() == fds
+    fd_leaks.assert_same(fds)
     with pytest.raises(WriterAbortedError, match="^vma archive aborted: cancelled$"):
         await writer.aclose()
 

@@ -113,15 +113,21 @@ class SeaweedServer:
             f"-master.port={self.ports['master']}",
             "-master.volumeSizeLimitMB=256",
             f"-volume.port={self.ports['volume']}",
-            "-volume.max=100",
+            "-volume.max=0",  # as many as the disk holds (each bucket takes 7)
             "-filer",
             f"-filer.port={self.ports['filer']}",
             "-s3",
             f"-s3.port={self.ports['s3']}",
+            # fixed default ports (8181, 9101) that a second server would clash on
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
+        # SeaweedFS turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its
+        # environment into an identity, which ends anonymous access.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with open(self._log, "ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
         try:
             self._wait_ready()
@@ -139,7 +145,7 @@ class SeaweedServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed server exited early; see {self._log}")
             try:
-                self.request("PUT", "/vma-probe")
+                self.make_bucket("vma-probe")
                 self.request("PUT", "/vma-probe/ready", b"ok")
                 self.request("DELETE", "/vma-probe/ready")
                 return
@@ -185,23 +191,35 @@ class SeaweedServer:
             return bytes(response.read())
 
     def make_bucket(self, bucket: str) -> None:
-        self.request("PUT", f"/{bucket}")
+        """Create ``bucket``; one that exists already (a restart) is fine."""
+        try:
+            self.request("PUT", f"/{bucket}")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+
+    # ``bucket`` may be ``BUCKET/PREFIX/``: the listings are then limited to
+    # keys under the prefix, and name them without it (tests share a bucket).
 
     def list_keys(self, bucket: str) -> list[str]:
-        root = ET.fromstring(self.request("GET", f"/{bucket}?list-type=2"))
-        return sorted(e.text or "" for e in root.iter(f"{_NS}Key"))
+        name, prefix = _split(bucket)
+        root = ET.fromstring(self.request("GET", f"/{name}?list-type=2&prefix={prefix}"))
+        return sorted((e.text or "")[len(prefix) :] for e in root.iter(f"{_NS}Key"))
 
     def list_uploads(self, bucket: str) -> list[str]:
         """Keys with a multipart upload in progress (ListMultipartUploads)."""
-        root = ET.fromstring(self.request("GET", f"/{bucket}?uploads"))
-        return sorted(e.findtext(f"{_NS}Key") or "" for e in root.iter(f"{_NS}Upload"))
+        name, prefix = _split(bucket)
+        root = ET.fromstring(self.request("GET", f"/{name}?uploads&prefix={prefix}"))
+        keys = (e.findtext(f"{_NS}Key") or "" for e in root.iter(f"{_NS}Upload"))
+        return sorted(key[len(prefix) :] for key in keys if key.startswith(prefix))
 
     def abort_uploads(self, bucket: str) -> None:
         """AbortMultipartUpload for every upload in progress in ``bucket``."""
-        root = ET.fromstring(self.request("GET", f"/{bucket}?uploads"))
+        name, prefix = _split(bucket)
+        root = ET.fromstring(self.request("GET", f"/{name}?uploads&prefix={prefix}"))
         for upload in root.iter(f"{_NS}Upload"):
             key, upload_id = upload.findtext(f"{_NS}Key"), upload.findtext(f"{_NS}UploadId")
-            self.request("DELETE", f"/{bucket}/{key}?uploadId={upload_id}")
+            self.request("DELETE", f"/{name}/{key}?uploadId={upload_id}")
 
     def get_object(self, bucket: str, key: str) -> bytes:
         return self.request("GET", f"/{bucket}/{key}")
@@ -213,6 +231,11 @@ class SeaweedServer:
 
     def put_object(self, bucket: str, key: str, data: bytes) -> None:
         self.request("PUT", f"/{bucket}/{key}", data)
+
+
+def _split(bucket: str) -> tuple[str, str]:
+    name, slash, prefix = bucket.partition("/")
+    return name, prefix + "/" if slash and prefix and not prefix.endswith("/") else prefix
 
 
 @pytest.fixture(scope="session")

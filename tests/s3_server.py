@@ -148,23 +148,23 @@ class SeaweedServer:
                 self.make_bucket("vma-probe")
                 self.request("PUT", "/vma-probe/ready", b"ok")
                 self.request("DELETE", "/vma-probe/ready")
-                return
             except (OSError, urllib.error.URLError) as exc:
                 last = exc
-            time.sleep(0.2)
+                time.sleep(0.2)
+            else:
+                return
         raise RuntimeError(f"weed server not ready after {START_DEADLINE}s: {last!r}")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a short grace; reap; remove its sockets."""
         process, self.process = self.process, None
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         for port in self.ports.values():
             for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock") + glob.glob(
                 f"/tmp/seaweedfs-*-{port + 10000}.sock"

@@ -61,14 +61,23 @@ def half_random(size: int, seed: int) -> bytes:
 
 
 async def write_archive(
-    target: object, image: bytes, *, compress: str | None = None, fail_at: int | None = None
+    target: object,
+    image: bytes,
+    *,
+    compress: str | None = None,
+    fail_at: int | None = None,
+    reached: anyio.Event | None = None,
+    reached_at: int = -1,
 ) -> None:
-    """Back ``image`` up as ``disk0``; raise RuntimeError at cluster ``fail_at``."""
+    """Back ``image`` up as ``disk0``; raise RuntimeError at cluster ``fail_at``,
+    set ``reached`` at cluster ``reached_at``."""
     async with VmaWriter.open(target, compress=compress) as writer:  # type: ignore[arg-type]
         dev = writer.register_stream("disk0", len(image))
         for cluster in range(len(image) // CLUSTER_SIZE):
             if cluster == fail_at:
                 raise RuntimeError("producer failed")
+            if reached is not None and cluster == reached_at:
+                reached.set()
             data = image[cluster * CLUSTER_SIZE : (cluster + 1) * CLUSTER_SIZE]
             await writer.write(dev, cluster, data)
         await writer.close_stream(dev)
@@ -119,21 +128,21 @@ async def test_a_failed_backup_removes_its_compressed_file(tmp_path: Path) -> No
 async def test_a_cancelled_backup_removes_its_compressed_file(tmp_path: Path) -> None:
     image = half_random(8 << 20, 4)
     archive = tmp_path / "cancelled.vma.gz"
-    seen_file = False
+    reached = anyio.Event()
+    existed_when_cancelled = False
 
-    async def watch(scope: anyio.CancelScope) -> None:
-        nonlocal seen_file
-        while not (archive.exists() and archive.stat().st_size > 0):
-            await anyio.sleep(0.01)
-        seen_file = True
+    async def cancel_when_reached(scope: anyio.CancelScope) -> None:
+        nonlocal existed_when_cancelled
+        await reached.wait()
+        existed_when_cancelled = await anyio.Path(archive).exists()
         scope.cancel()
 
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(watch, scope)
-            await write_archive(archive, image * 4, compress="gzip")
+            tg.start_soon(cancel_when_reached, scope)
+            await write_archive(archive, image, compress="gzip", reached=reached, reached_at=100)
     assert scope.cancelled_caught
-    assert seen_file  # the cancellation came while the file was being written
+    assert existed_when_cancelled  # cancelled while the file was being written
     assert not archive.exists()
 
 

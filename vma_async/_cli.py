@@ -89,7 +89,9 @@ Options of every command:
   -h             the short usage text (exit status 1, as the reference tool)
 
 An archive to read may be compressed with zstd or gzip (detected by content),
-or lzop (from a file only); '-' reads it from standard input.
+or lzop (from a file only); '-' reads it from standard input, and
+s3://BUCKET/KEY reads an object (AWS_ENDPOINT_URL and the other AWS_*
+variables say where and as whom; see docs/object-storage.md).
 Exit status: 0 on success, 1 on any error.
 """
 
@@ -120,14 +122,16 @@ Examples:
 """,
     "create": """\
 vma create FILE [-c CONFIG]... [-v] [--uuid UUID] [--ctime EPOCH]
-           [--reproducible] [--digest] [NAME=]PATH...
+           [--reproducible] [--digest] [--compress zstd|gzip] [NAME=]PATH...
 
 Back up disk images (raw files or block devices, or qcow2, vmdk, vdi, vhdx,
 qed and vpc images read through qemu-nbd) into a new archive (never
 overwritten).  Devices are named disk0, disk1, ... unless NAME= is given
 (a name given twice is refused); each size is rounded up to a multiple of
 512 bytes, as the reference does.  FILE may be 'exec:COMMAND' (the archive
-goes to the command's stdin) or '-' (standard output, not a terminal).
+goes to the command's stdin), '-' (standard output, not a terminal) or
+'s3://BUCKET/KEY' (an object, created when the archive is complete; the
+store comes from AWS_ENDPOINT_URL and the other AWS_* variables).
   -c CONFIG        add a config file (stored under its base name); repeatable
   -v               print the reference's progress and per-image lines on stderr
   --uuid UUID      the archive's uuid (default: random)
@@ -147,6 +151,9 @@ goes to the command's stdin) or '-' (standard output, not a terminal).
                    vdi, vhdx, qed or vpc.  A positional PATH is probed: such
                    an image is read through QEMU too, never stored as its
                    container file (needs qemu-nbd: Debian package qemu-utils)
+  --compress zstd|gzip
+                   compress in-process (zstd on half the CPUs); a failed or
+                   interrupted backup leaves no file, unlike exec:zstd -o
 
 Examples:
   vma create backup.vma -c qemu-server.conf drive-scsi0=/dev/vg/vm-100-disk-0
@@ -154,6 +161,7 @@ Examples:
   vma create backup.vma -d format=qcow2:drive-scsi0=vm-100-disk-0.qcow2
   vma create --reproducible --digest backup.vma drive-scsi0=disk.raw
   vma create - disk.raw | ssh backup 'cat > vm.vma'
+  vma create --compress zstd s3://backups/vzdump-qemu-100.vma.zst disk.raw
 """,
     "extract": """\
 vma extract FILE [-v] [-d DRIVES] [-r MAP] TARGETDIR
@@ -242,7 +250,7 @@ _SHORT_OPTIONS = {
 _COMMON_LONG = ["quiet", "debug", "help"]
 _LONG_OPTIONS = {
     "list": [*_COMMON_LONG, "json"],
-    "create": [*_COMMON_LONG, "uuid=", "ctime=", "reproducible", "digest"],
+    "create": [*_COMMON_LONG, "uuid=", "ctime=", "reproducible", "digest", "compress="],
     "extract": [*_COMMON_LONG, "format="],
     "verify": [*_COMMON_LONG, "digest="],
     "repack": [*_COMMON_LONG, "uuid=", "ctime="],
@@ -283,6 +291,7 @@ class Options:
     reproducible: bool = False
     digest: bool = False
     digest_path: str | None = None
+    compress: str | None = None
     socket: str | None = None
     listen: tuple[str, int] | None = None
 
@@ -347,6 +356,10 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             opts.image_format = value
         elif flag == "--reproducible":
             opts.reproducible = True
+        elif flag == "--compress":
+            if value not in ("zstd", "gzip"):
+                raise UsageError(f"--compress: expected zstd or gzip, not '{value}'")
+            opts.compress = value
         elif flag == "--digest" and command == "create":
             opts.digest = True
         elif flag == "--digest":
@@ -369,8 +382,9 @@ def parse_args(argv: Sequence[str]) -> Options | str:
         count = f"{len(positional)} argument{'s' if len(positional) != 1 else ''}"
         raise UsageError(f"{command} needs {_ARGUMENTS[command]} (got {count})")
     output = {"create": positional[0], "repack": positional[-1]}.get(command)
-    if opts.digest and output is not None and (output == "-" or output.startswith("exec:")):
-        raise UsageError("--digest needs an archive file name (not '-' or exec:)")
+    not_a_file = output is not None and (output == "-" or output.startswith(("exec:", "s3://")))
+    if opts.digest and not_a_file:
+        raise UsageError("--digest needs an archive file name (not '-', exec: or s3://)")
     if output == "-" and os.isatty(sys.stdout.fileno()):
         raise UsageError("refusing to write an archive to a terminal")
     if command == "create" and opts.ctime is None and "SOURCE_DATE_EPOCH" in os.environ:
@@ -883,6 +897,7 @@ async def cmd_create(opts: Options) -> int:
             ctime=opts.ctime,
             reproducible=opts.reproducible,
             digest=recorder,
+            compress=opts.compress,
         )
     except BaseException as exc:
         if recorder is not None:

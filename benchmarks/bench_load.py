@@ -38,8 +38,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vma_async import MAX_EXTENT_SIZE
-from vma_async import create_archive, extract_archive
+from vma_async import MAX_EXTENT_SIZE, create_archive, extract_archive
 from vma_async._backup import READ_CHUNK
 from vma_async._reader import _BATCH_BYTES, _SINK_QUEUE
 from vma_async._writer import BUFFER_SIZE, DEFAULT_BUFFER_COUNT

@@ -46,9 +46,8 @@ import pytest
 import zstandard
 from dissect.archive.vma import VMA
 
-from vma_async import CallbackSink, Sink, VmaError, VmaReader, VmaWriter
+from vma_async import CallbackSink, Sink, VmaError, VmaReader, VmaWriter, extract_archive
 from vma_async._format import encode_extent_header, encode_header, make_blockinfo
-from vma_async import extract_archive
 
 CLUSTER = 65536
 BLOCK = 4096

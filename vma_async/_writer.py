@@ -56,9 +56,9 @@ from ._assembler import (
     StreamStatus,
     WriterStatus,
 )
+from ._compress import CompressingTarget
 from ._errors import VmaError, WriterAbortedError
 from ._opening import Opening
-from ._compress import CompressingTarget
 from ._targets import ALIGNMENT, Target, TargetLike, resolve_target
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14

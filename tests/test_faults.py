@@ -297,7 +297,9 @@ async def test_source_fails_mid_stream(
     async with reader:
         with pytest.raises(SourceError) as caught:
             await reader.restore(file_sinks(out))
-    assert str(caught.value) == "read failed - connection reset by peer"
+    assert str(caught.value) == (
+        "read failed - the stream was closed by an error (connection reset by peer)"
+    )
     assert os.listdir(out) == []
     fd_leaks.assert_same(fds)
 

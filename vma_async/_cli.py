@@ -710,12 +710,14 @@ async def cmd_verify(opts: Options) -> int:
             _emit(sys.stdout, content_lines(header))
         devices = header.devices
         read_total = await _archive_read_total(archive)
-        reporter = ReadReporter(_progress_mode(opts), devices, "verify", read_total)
+        mode = _progress_mode(opts)
+        reporter = ReadReporter(mode, devices, "verify", read_total)
+        progress = reporter if mode != "none" else None  # nothing built per batch
         try:
             if sidecar is not None:
-                summary = await verify_with_digest(reader, sidecar, progress=reporter)
+                summary = await verify_with_digest(reader, sidecar, progress=progress)
             else:
-                summary = await reader.verify(progress=reporter)
+                summary = await reader.verify(progress=progress)
         except VmaError as exc:
             raise VmaError(f"verify failed - {exc}") from exc
     reporter.finish(summary)

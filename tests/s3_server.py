@@ -112,6 +112,10 @@ class SeaweedServer:
             "-ip.bind=127.0.0.1",
             f"-master.port={self.ports['master']}",
             "-master.volumeSizeLimitMB=256",
+            # a restart after a kill elects its single master without the
+            # default 10 s election timeout (twice over); no telemetry
+            "-master.electionTimeout=1s",
+            "-master.telemetry=false",
             f"-volume.port={self.ports['volume']}",
             "-volume.max=0",  # as many as the disk holds (each bucket takes 7)
             "-filer",

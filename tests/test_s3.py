@@ -321,10 +321,10 @@ def cli(
     return result
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_cli_create_into_s3_passes_the_reference(
-    s3_server: SeaweedServer, bucket: str, tmp_path: Path, backend: str
+    s3_server: SeaweedServer, bucket: str, tmp_path: Path, backend: str = "asyncio"
 ) -> None:
+    """Once (the backends are covered by the other tests: the budget is time)."""
     image = half_random(8 << 20, 9)
     (tmp_path / "disk.raw").write_bytes(image)
     (tmp_path / "qemu-server.conf").write_bytes(b"memory: 512\n")
@@ -401,7 +401,7 @@ _CONCURRENT = textwrap.dedent(
     """
     import json, random, resource, sys
     import anyio
-    from vma_async import CLUSTER_SIZE, S3Target, VmaWriter
+    from vma_async import CLUSTER_SIZE, S3Target, VmaReader, VmaWriter
     from vma_async._writer import BUFFER_SIZE, DEFAULT_BUFFER_COUNT
 
     bucket, count, size, backend = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -433,8 +433,14 @@ _CONCURRENT = textwrap.dedent(
                 tg.start_soon(backup, i, targets)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         per_backup = DEFAULT_BUFFER_COUNT * BUFFER_SIZE + targets[0].memory_bound + 2 * size
+        # then every archive is read back from the store (random access) and compared
+        exact = 0
+        for i in range(count):
+            async with VmaReader.open(f"s3://{bucket}/vm-{i}.vma") as reader:
+                view = await reader.open_device("disk0")
+                exact += await view.read(0, size) == image(i)
         print(json.dumps({
-            "baseline": baseline, "peak": peak, "per_backup": per_backup,
+            "baseline": baseline, "peak": peak, "per_backup": per_backup, "exact": exact,
             "high_water": max(t.stats.parts_alive_high_water for t in targets),
             "parts": sum(t.stats.parts_sent for t in targets),
         }))
@@ -449,7 +455,7 @@ _CONCURRENT = textwrap.dedent(
 def test_twenty_concurrent_backups_within_the_memory_bound(
     s3_server: SeaweedServer, bucket: str, tmp_path: Path, backend: str
 ) -> None:
-    count, size = 20, 16 << 20
+    count, size = 20, 12 << 20
     script = tmp_path / "s3_concurrent_backups.py"
     script.write_text(_CONCURRENT)
     result = subprocess.run(
@@ -462,22 +468,13 @@ def test_twenty_concurrent_backups_within_the_memory_bound(
     assert result.returncode == 0, result.stderr.decode()
     figures = json.loads(result.stdout)
     assert figures["high_water"] <= 3  # parts_in_flight + 1
-    assert figures["parts"] >= count * 2  # each archive (~8 MiB) took two parts
+    assert figures["parts"] >= count * 2  # each archive (~6 MiB) took two parts
+    assert figures["exact"] == count  # every archive restores byte-exact
     grown = figures["peak"] - figures["baseline"]
     bound = count * figures["per_backup"] + (64 << 20)  # + allocator and thread slack
     assert grown <= bound, (grown, bound)
     assert s3_server.list_keys(bucket) == sorted(f"vm-{i}.vma" for i in range(count))
     assert s3_server.list_uploads(bucket) == []
-    for i in random.Random(12).sample(range(count), 3):
-        s3_server.download(bucket, f"vm-{i}.vma", tmp_path / f"vm-{i}.vma")
-        cli("extract", f"vm-{i}.vma", f"out{i}", cwd=tmp_path)
-        restored = (tmp_path / f"out{i}" / "disk-disk0.raw").read_bytes()
-        assert restored == _image_like_the_script(i, size)
-
-
-def _image_like_the_script(seed: int, size: int) -> bytes:
-    rng = random.Random(seed)
-    out = bytearray(size)
-    for start in range(0, size, 512 << 10):
-        out[start : start + (256 << 10)] = rng.randbytes(256 << 10)
-    return bytes(out)
+    # and one downloaded object restores with the command too
+    s3_server.download(bucket, "vm-7.vma", tmp_path / "vm-7.vma")
+    cli("verify", "vm-7.vma", cwd=tmp_path)

@@ -85,8 +85,8 @@ class CompressingTarget(Target):
         if self.compression == "zstd":
             import zstandard
 
-            return zstandard.ZstdCompressor(level=self.level, threads=self.threads).compressobj()  # type: ignore[return-value]
-        return zlib.compressobj(self.level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # type: ignore[return-value]
+            return zstandard.ZstdCompressor(level=self.level, threads=self.threads).compressobj()
+        return zlib.compressobj(self.level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
 
     async def open(self) -> None:
         self._compressor = self._make_compressor()

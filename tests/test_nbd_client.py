@@ -424,12 +424,14 @@ async def test_mutated_server_streams_only_ever_raise_nbd_errors(tmp_path: Path)
             except NbdError as error:
                 failures.append(error)
 
-        # Cookies 1 to 4 in this order, as recorded: tasks start in order and
-        # take the (first come, first served) send lock in order.
+        # Cookies 1 to 4 in this order, as recorded (trio shuffles task starts,
+        # so each request gets its cookie before the next one starts).
         async with anyio.create_task_group() as tg:
-            for offset, length in ((0, 4096), (5000, 5240), (10000, 1000)):
-                tg.start_soon(request, offset, length)
-            tg.start_soon(request, 4096, 6144, True)
+            plan = [(0, 4096, False), (5000, 5240, False), (10000, 1000, False), (4096, 6144, True)]
+            for count, (offset, length, status) in enumerate(plan, start=1):
+                tg.start_soon(request, offset, length, status)
+                while client._conn._next_cookie <= count and not failures:  # cookies from 1
+                    await anyio.lowlevel.checkpoint()
         if failures:
             raise failures[0]
 

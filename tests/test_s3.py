@@ -322,9 +322,10 @@ def cli(
 
 
 def test_cli_create_into_s3_passes_the_reference(
-    s3_server: SeaweedServer, bucket: str, tmp_path: Path, backend: str = "asyncio"
+    s3_server: SeaweedServer, bucket: str, tmp_path: Path
 ) -> None:
     """Once (the backends are covered by the other tests: the budget is time)."""
+    backend = "trio"
     image = half_random(8 << 20, 9)
     (tmp_path / "disk.raw").write_bytes(image)
     (tmp_path / "qemu-server.conf").write_bytes(b"memory: 512\n")

@@ -479,3 +479,33 @@ def test_twenty_concurrent_backups_within_the_memory_bound(
     # and one downloaded object restores with the command too
     s3_server.download(bucket, "vm-7.vma", tmp_path / "vm-7.vma")
     cli("verify", "vm-7.vma", cwd=tmp_path)
+
+
+# --- vma serve s3://: random access over NBD -------------------------------------------------
+
+
+def test_vma_serve_from_s3_is_read_byte_exact_by_nbdcopy(
+    s3_server: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    image = half_random(12 << 20, 13)
+    (tmp_path / "disk.raw").write_bytes(image)
+    url = f"s3://{bucket}/served.vma"
+    cli("create", url, "drive-scsi0=disk.raw", cwd=tmp_path)
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen(
+        [VMA, "serve", url, "--socket", str(sock)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        uri_line = server.stdout.readline().decode().strip()  # printed once it listens
+        assert uri_line.startswith("nbd+unix:///drive-scsi0?socket="), uri_line
+        subprocess.run(["nbdcopy", uri_line, str(tmp_path / "out.raw")], check=True, timeout=60)
+        assert (tmp_path / "out.raw").read_bytes() == image
+    finally:
+        server.send_signal(signal.SIGINT)
+        status = server.wait(timeout=30)
+    assert status == 0
+    assert not sock.exists()

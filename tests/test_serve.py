@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -265,3 +265,32 @@ async def test_tcp_on_localhost(archive: tuple[Path, dict[str, bytes]]) -> None:
         copied = await run("nbdcopy", f"nbd://{host}:{port}/drive-virtio1", "-")
         tg.cancel_scope.cancel()
     assert copied == disks["drive-virtio1"]
+
+
+@pytest.fixture
+def archive_on_a_block_device(archive: tuple[Path, dict[str, bytes]]) -> Iterator[Path]:
+    """The archive behind a read-only loop device (needs root and /dev/loop*)."""
+    path, _ = archive
+    attach = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device here: {attach.stderr.strip()}")
+    device = Path(attach.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", str(device)], check=True)
+
+
+@requires_tools
+async def test_an_archive_on_a_block_device(
+    archive: tuple[Path, dict[str, bytes]], archive_on_a_block_device: Path, tmp_path: Path
+) -> None:
+    _, disks = archive
+    async with serving(archive_on_a_block_device, tmp_path / "s.sock") as sock:
+        for name, data in disks.items():
+            assert await run("nbdcopy", uri(sock, name), "-") == data

@@ -4,6 +4,7 @@ cancellation.  (Clients no one here wrote are in test_serve.py.)"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -130,6 +131,33 @@ async def test_client_and_server_round_trip_every_command(tmp_path: Path) -> Non
             await client.read(300_000, 2)
         assert caught.value.errno == proto.EINVAL
         assert await client.read(300_000, 1) == bytes(expected[300_000:])
+
+
+class FullDisk(MemoryExport):
+    async def write(self, offset: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset >= 4096:
+            raise OSError(errno.EIO, "Input/output error")
+        return await super().read(offset, length)
+
+
+async def test_export_failures_become_enospc_or_eio_and_the_connection_stays(
+    tmp_path: Path,
+) -> None:
+    disk = FullDisk("disk", bytes(8192))
+    async with (
+        serving([disk], tmp_path / "s.sock") as address,
+        NbdClient.connect(address, "disk") as client,
+    ):
+        with pytest.raises(NbdCommandError, match="No space left on device") as full:
+            await client.write(0, b"data")
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(NbdCommandError, match="Input/output error") as broken:
+            await client.read(4096, 10)
+        assert broken.value.errno == errno.EIO
+        assert await client.read(0, 10) == bytes(10)
 
 
 async def test_read_only_exports_listing_and_unknown_names(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -311,6 +312,14 @@ def _log_end(peer: object, error: BaseException) -> None:
         log.error("NBD connection from %s failed", peer, exc_info=error)
 
 
+def _nbd_errno(error: BaseException) -> int:
+    """The NBD error value for an export's failure: a full disk is ENOSPC (as
+    the protocol asks for EDQUOT and EFBIG too), anything else EIO."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return proto.ENOSPC
+    return proto.EIO
+
+
 class _Session:
     """One client connection: the options, then the requests."""
 
@@ -497,7 +506,7 @@ class _Session:
         except (VmaError, OSError) as error:
             name = proto.COMMAND_NAMES.get(command, str(command))
             log.info("NBD %s at %d+%d on %s failed: %s", name, offset, length, export.name, error)
-            await self.send(conn.reply_command_error(cookie, proto.EIO, str(error)))
+            await self.send(conn.reply_command_error(cookie, _nbd_errno(error), str(error)))
             return
         await self.send(conn.reply_simple(cookie))
 

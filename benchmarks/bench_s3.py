@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -37,10 +36,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_read import make_image  # noqa: E402
+
 from tests.s3_server import SeaweedServer  # noqa: E402
 
 VMA = str(Path(sys.executable).with_name("vma"))
-RUN = 8 << 20
 
 
 _PUT = """
@@ -60,14 +62,6 @@ def parse_size(text: str) -> int:
     if text[-1:].upper() in units:
         return int(float(text[:-1]) * units[text[-1].upper()])
     return int(text)
-
-
-def make_image(path: Path, size: int) -> None:
-    rng = random.Random(1)
-    with path.open("wb") as image:
-        for offset in range(0, size, RUN):
-            n = min(RUN, size - offset)
-            image.write(rng.randbytes(n) if (offset // RUN) % 2 == 0 else bytes(n))
 
 
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int]:

@@ -27,6 +27,7 @@ import anyio
 import pytest
 
 from tests.s3_server import SeaweedServer
+from tests.test_compress_target import half_random, reference_vma, write_archive
 from vma_async import (
     CLUSTER_SIZE,
     S3Source,
@@ -40,30 +41,8 @@ from vma_async import (
 from vma_async._s3 import MIN_PART_SIZE, open_s3_store
 
 VMA = str(Path(sys.executable).with_name("vma"))
-REFERENCE = "/work/refbuild/qemu-7.2/build/vma"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BACKENDS = ["asyncio", "uvloop", "trio"]
-
-
-def reference_vma() -> str | None:
-    path = os.environ.get("VMA_REFERENCE", REFERENCE)
-    try:
-        with open("/work/refbuild/build.log", "rb") as log:
-            built = log.read().rstrip().endswith(b"EXIT 0")
-    except OSError:
-        built = False
-    return path if built and os.access(path, os.X_OK) else None
-
-
-def half_random(size: int, seed: int) -> bytes:
-    """Alternating 256 KiB runs of random bytes and zeros."""
-    rng = random.Random(seed)
-    run = 256 << 10
-    out = bytearray(size)
-    for start in range(0, size, 2 * run):
-        end = min(start + run, size)
-        out[start:end] = rng.randbytes(end - start)
-    return bytes(out)
 
 
 @pytest.fixture(scope="module")
@@ -79,29 +58,6 @@ def bucket(shared_bucket: str) -> str:
     """``BUCKET/PREFIX``: a test's own place in the shared bucket (the server
     helpers list only under the prefix)."""
     return f"{shared_bucket}/{uuid.uuid4().hex[:12]}"
-
-
-async def write_archive(
-    target: object,
-    image: bytes,
-    *,
-    compress: str | None = None,
-    fail_at: int | None = None,
-    reached: anyio.Event | None = None,
-    reached_at: int = -1,
-) -> None:
-    """Back ``image`` up as ``disk0``; RuntimeError at cluster ``fail_at``;
-    set ``reached`` at cluster ``reached_at``."""
-    async with VmaWriter.open(target, compress=compress) as writer:  # type: ignore[arg-type]
-        dev = writer.register_stream("disk0", len(image))
-        for cluster in range(len(image) // CLUSTER_SIZE):
-            if cluster == fail_at:
-                raise RuntimeError("producer failed")
-            if reached is not None and cluster == reached_at:
-                reached.set()
-            data = image[cluster * CLUSTER_SIZE : (cluster + 1) * CLUSTER_SIZE]
-            await writer.write(dev, cluster, data)
-        await writer.close_stream(dev)
 
 
 def assert_nothing_left(server: SeaweedServer, bucket: str) -> None:
@@ -255,7 +211,9 @@ def own_server() -> Iterator[SeaweedServer]:
 
 
 @pytest.mark.anyio
-async def test_the_store_killed_mid_upload(own_server: SeaweedServer) -> None:
+async def test_the_store_killed_mid_upload(
+    own_server: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A clear error within the retry budget, no object; the upload the dead
     store could not be told to abort is reported by the target (and is what
     a lifecycle rule removes), then cleaned here."""
@@ -263,16 +221,9 @@ async def test_the_store_killed_mid_upload(own_server: SeaweedServer) -> None:
         await anyio.to_thread.run_sync(own_server.start)
     name = f"k{uuid.uuid4().hex[:12]}"
     own_server.make_bucket(name)
-    saved = {k: os.environ.get(k) for k in own_server.env()}
-    os.environ.update(own_server.env())
-    try:
-        store = open_s3_store(name, timeout=10, connect_timeout=2, max_retries=1, retry_timeout=3)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    for variable, value in own_server.env().items():
+        monkeypatch.setenv(variable, value)
+    store = open_s3_store(name, timeout=10, connect_timeout=2, max_retries=1, retry_timeout=3)
     target = S3Target(f"s3://{name}/dead.vma", store=store, part_size=MIN_PART_SIZE)
     reached = anyio.Event()
 

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.to_thread
 
-from ._errors import SourceError, TargetError, TargetExistsError
+from ._errors import SourceError, TargetError, TargetExistsError, VmaError
 from ._sources import READ_SIZE, ArchiveSource
 from ._targets import Target
 
@@ -88,6 +88,13 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket or not key or key.endswith("/"):
         raise ValueError(f"{url!r}: expected s3://BUCKET/KEY with a bucket and an object key")
     return bucket, key
+
+
+def _parse(url: str, error: type[VmaError]) -> tuple[str, str]:
+    try:
+        return parse_s3_url(url)
+    except ValueError as exc:
+        raise error(str(exc)) from exc
 
 
 def open_s3_store(
@@ -190,10 +197,7 @@ class S3Target(Target):
         part_size: int = DEFAULT_PART_SIZE,
         parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
     ) -> None:
-        try:
-            self.bucket, self.key = parse_s3_url(url)
-        except ValueError as exc:
-            raise TargetError(str(exc)) from exc
+        self.bucket, self.key = _parse(url, TargetError)
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
         if parts_in_flight < 1:
@@ -386,10 +390,7 @@ class S3Source(ArchiveSource):
         read_chunk_size: int = DEFAULT_READ_CHUNK,
         read_ahead: int = DEFAULT_READ_AHEAD,
     ) -> None:
-        try:
-            self.bucket, self.key = parse_s3_url(url)
-        except ValueError as exc:
-            raise SourceError(str(exc)) from exc
+        self.bucket, self.key = _parse(url, SourceError)
         if read_chunk_size <= 0 or read_ahead < 1:
             raise ValueError("read_chunk_size and read_ahead must be positive")
         self.url = url

@@ -13,13 +13,15 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from vma_async import BLOCK_SIZE, CLUSTER_SIZE
+from vma_async import BLOCK_SIZE, CLUSTER_SIZE, DeviceInfo, Progress
+from vma_async._cli import ReadReporter
 from vma_async._format import (
     decode_header,
     encode_extent_header,
@@ -686,3 +688,40 @@ def test_names_that_are_not_utf8_are_printed_as_raw_bytes(tmp_path: Path) -> Non
     assert out.startswith(b"CFG: size: 1 name: c\xff\nDEV: dev_id=1 size: 65536 devname: d\xfe\n")
     vma("extract", "h.vma", "out", cwd=tmp_path)
     assert sorted(os.listdir(os.fsencode(tmp_path / "out"))) == [b"c\xff", b"disk-d\xfe.raw"]
+
+
+# --- progress output never blocks the event loop (issue 8) ------------------------------------
+
+
+class _ThreadRecordingStream:
+    """Stands in for stdout: records which thread writes and flushes."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.threads: set[int] = set()
+
+    def write(self, text: str) -> int:
+        self.threads.add(threading.get_ident())
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        self.threads.add(threading.get_ident())
+
+
+@pytest.mark.anyio
+async def test_progress_lines_are_written_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stdout may be a pipe whose reader is slow: the -v lines are written
+    and flushed by a worker thread, never by the event loop's thread."""
+    stream = _ThreadRecordingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    device = DeviceInfo(1, "d", 100 * CLUSTER_SIZE)
+    reporter = ReadReporter("lines", [device], "verify")
+    for done in (0, 30, 100):
+        await reporter(Progress("verify", done * CLUSTER_SIZE, 100 * CLUSTER_SIZE, 0, 0, 0.0, ()))
+    lines = stream.text.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"progress {p}%" for p in range(1, 101)]
+    assert stream.threads
+    assert threading.get_ident() not in stream.threads

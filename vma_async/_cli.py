@@ -679,7 +679,7 @@ def _progress_mode(opts: Options) -> str:
 
 
 async def cmd_list(opts: Options) -> int:
-    async with await VmaReader.open(opts.args[0]) as reader:
+    async with VmaReader.open(opts.args[0]) as reader:
         header = reader.header
     _emit(sys.stdout, content_json(header) if opts.json else content_lines(header))
     return 0
@@ -687,7 +687,7 @@ async def cmd_list(opts: Options) -> int:
 
 async def cmd_config(opts: Options) -> int:
     name = opts.config if opts.config is not None else "qemu-server.conf"
-    async with await VmaReader.open(opts.args[0]) as reader:
+    async with VmaReader.open(opts.args[0]) as reader:
         data = reader.header.config(name)
     if data is None:
         sys.stderr.write(f"unable to find configuration data '{name}'\n")
@@ -704,7 +704,7 @@ async def cmd_verify(opts: Options) -> int:
     if digest_file is None and archive != "-" and await anyio.Path(digest_path(archive)).exists():
         digest_file = digest_path(archive)
     sidecar = await read_digest_file(digest_file) if digest_file is not None else None
-    async with await VmaReader.open(archive) as reader:
+    async with VmaReader.open(archive) as reader:
         header = reader.header
         if opts.verbose and not opts.quiet:
             _emit(sys.stdout, content_lines(header))
@@ -908,7 +908,7 @@ async def cmd_create(opts: Options) -> int:
             raise VmaError(f"creating vma archive failed - {exc}") from exc
         raise
     if recorder is not None:
-        async with await VmaReader.open(archive) as reader:
+        async with VmaReader.open(archive) as reader:
             archive_uuid = reader.header.uuid
         await write_digest_file(
             digest_path(archive), recorder, archive_uuid, [name for name, *_ in devices]
@@ -955,7 +955,7 @@ def _nbd_uri(address: str | tuple[str, int], name: str) -> str:
 
 async def cmd_serve(opts: Options) -> int:
     archive = opts.args[0]
-    async with await VmaReader.open(archive) as reader:
+    async with VmaReader.open(archive) as reader:
         names = [dev.name for dev in reader.header.devices if not dev.is_vmstate]
     host, port = opts.listen or ("127.0.0.1", 10809)
     stop = anyio.Event()

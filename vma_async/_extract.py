@@ -194,7 +194,7 @@ async def extract_archive(
     check_format(image_format)
     files: _CreatedFiles | None = None
     try:
-        async with await VmaReader.open(source) as reader:
+        async with VmaReader.open(source) as reader:
             header = reader.header
             _check_wanted(header, devices)
             for name, _ in header.configs:

@@ -71,7 +71,6 @@ from ._walker import (
 __all__ = [
     "DeviceReadStats",
     "DeviceView",
-    "ReadProgress",
     "ReadSummary",
     "SinkMap",
     "VmaReader",
@@ -88,9 +87,6 @@ _INDEX_BATCH: Final = 4096
 """Extent headers indexed per worker-thread hop."""
 _INDEX_READ: Final = 64 << 10
 """After a small extent the index reads this much at once: the next headers are near."""
-
-ReadProgress = Progress
-"""Deprecated name of :class:`~vma_async.Progress` (what restore and verify report)."""
 
 SinkMap = Mapping[str, Sink] | Mapping[int, Sink] | Mapping[str | int, Sink]
 """What :meth:`VmaReader.restore` takes: sinks keyed by device name or dev_id.

@@ -71,7 +71,7 @@ usage: vma command [command options]
 vma list <filename>
 vma config <filename> [-c config]
 vma create <filename> [-c config] [-v] [--uuid UUID] [--ctime EPOCH] [--reproducible]
-           [--digest] [devname=]pathname ...
+           [--digest] [--compress zstd|gzip] [devname=]pathname ...
 vma create <filename> [create options] -d format=<format>:<device name>=<path> [-d ...]
 vma extract <filename> [-v] [-d <drive-list>] [-r <fifo> | --format <format>] <targetdir>
 vma verify <filename> [-v] [--digest PATH]
@@ -88,10 +88,11 @@ Options of every command:
   --help         this text
   -h             the short usage text (exit status 1, as the reference tool)
 
-An archive to read may be compressed with zstd or gzip (detected by content),
-or lzop (from a file only); '-' reads it from standard input, and
-s3://BUCKET/KEY reads an object (AWS_ENDPOINT_URL and the other AWS_*
-variables say where and as whom; see docs/object-storage.md).
+An archive to read may be compressed with zstd, gzip, bzip2 or lzop
+(detected by content; lzop needs the lzop program), from a file, a pipe
+or standard input ('-'); s3://BUCKET/KEY reads an object (AWS_ENDPOINT_URL
+and the other AWS_* variables say where and as whom; see
+docs/object-storage.md).
 Exit status: 0 on success, 1 on any error.
 """
 

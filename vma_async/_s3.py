@@ -45,7 +45,6 @@ write waits for the part hand-off in progress, never longer.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import threading
 import weakref
@@ -363,13 +362,10 @@ class S3Target(Target):
         upload, self._upload = self._upload, None
         if upload is None or self._finished:
             return
-        # Let the part uploads in flight end first: a part request the store
-        # is still receiving when the abort arrives can bring the upload back
-        # (S3 documents this race; SeaweedFS shows it).  Their errors do not
-        # matter here.
-        with contextlib.suppress(Exception):
-            upload.flush()
-        # obstore aborts the multipart upload when its context exits with an error.
+        # obstore aborts the multipart upload when its context exits with an
+        # error: it cancels the part uploads in flight, then sends the abort.
+        # (S3 documents that a part the store is still storing when the abort
+        # arrives may survive it; the lifecycle rule covers that rare case.)
         try:
             upload.__exit__(TargetError, TargetError("aborted"), None)
         except Exception as exc:

@@ -107,6 +107,7 @@ async def test_random_access_reads_the_headers_in_few_requests(
     source = await S3Source.open(url)
     async with VmaReader.open(source) as reader:
         before = source.requests
+        assert before <= 2  # the header: the sniffing window and one chunk, no read-ahead yet
         view = await reader.open_device("disk0")
         index_requests = source.requests - before
         extents = -(-len(image) // (59 * CLUSTER_SIZE))  # at most 59 clusters per extent

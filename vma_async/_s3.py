@@ -400,6 +400,9 @@ class S3Source(ArchiveSource):
         self._store = store
         self._chunk = read_chunk_size
         self._read_ahead = read_ahead
+        self._ahead = 1
+        """Chunks kept in flight now: doubles as the reader consumes chunks, up
+        to ``read_ahead``, so ``vma list`` (the header only) costs one GET."""
         self._size = 0
         self._pos = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -459,7 +462,7 @@ class S3Source(ArchiveSource):
             )
         for index in [i for i in self._pending if i < first]:
             self._pending.pop(index).cancel()
-        last = min(first + self._read_ahead, -(-self._size // self._chunk))
+        last = min(first + self._ahead, -(-self._size // self._chunk))
         for index in range(first, last):
             if index not in self._pending:
                 start = index * self._chunk
@@ -477,6 +480,7 @@ class S3Source(ArchiveSource):
         self._pos += count
         if start + count == len(chunk):
             del self._pending[index]
+            self._ahead = min(2 * self._ahead, self._read_ahead)
         return chunk[start : start + count]
 
     # -- random access --

@@ -214,6 +214,15 @@ async def test_a_missing_object_or_bucket_is_a_source_error(
         await VmaReader.open("s3://only-a-bucket")
 
 
+@pytest.mark.anyio
+async def test_a_missing_bucket_is_a_target_error_with_the_stores_answer(
+    s3_server: SeaweedServer,
+) -> None:
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(TargetError, match=rf"uploading s3://{bucket}/k.vma.* - AccessDenied"):
+        await write_archive(f"s3://{bucket}/k.vma", half_random(1 << 20, 14))
+
+
 # --- the store dies mid-upload (a server of the test's own) ---------------------------------
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -77,7 +78,7 @@ DEFAULT_READ_AHEAD: Final = 4
 _WINDOW: Final = 128 << 10
 """Small preads are served from cached windows of this size (aligned)."""
 _WINDOWS_CACHED: Final = 16
-_ERROR_TEXT_MAX: Final = 300
+_ERROR_TEXT_MAX: Final = 400
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -139,9 +140,17 @@ def open_s3_store(
 
 
 def _describe(exc: BaseException) -> str:
-    """obstore's message without its debug dump, on one bounded line."""
+    """obstore's message on one bounded line: the store's error code and
+    message first (from the XML body), then what obstore says it did."""
     text = str(exc).split("\n\nDebug source", 1)[0].strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.split("<?xml", 1)[0].strip().rstrip(":").splitlines()[0]
+    code = re.search(r"<Code>([^<]*)</Code>", text)
+    if code:
+        message = re.search(r"<Message>([^<]*)</Message>", text)
+        said = f"{code.group(1)}: {message.group(1)}" if message else code.group(1)
+        line = f"{said} ({line})"
     return line if len(line) <= _ERROR_TEXT_MAX else line[: _ERROR_TEXT_MAX - 3] + "..."
 
 

@@ -165,7 +165,7 @@ Examples:
   vma create --compress zstd s3://backups/vzdump-qemu-100.vma.zst disk.raw
 """,
     "extract": """\
-vma extract FILE [-v] [-d DRIVES] [-r MAP] TARGETDIR
+vma extract FILE [-v] [-d DRIVES] [-r MAP | --format FMT] TARGETDIR
 
 Restore into TARGETDIR, which must not exist: one file per config,
 vmstate.bin, and disk-NAME.raw per disk (written as tmp-disk-NAME.raw and

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,21 @@ class RecordingWriter:
         assert dev_id == self.dev_id
         self.writes.append((cluster_num, None if data is None else bytes(data)))
         return CLUSTER_SIZE
+
+    async def write_clusters(
+        self,
+        dev_id: int,
+        first_cluster: int,
+        data: bytes | bytearray,
+        present: Sequence[bool] | None = None,
+    ) -> int:
+        """The batch call, recorded cluster by cluster."""
+        count = len(present) if present is not None else -(-len(data) // CLUSTER_SIZE)
+        for index in range(count):
+            chunk = data[index * CLUSTER_SIZE : (index + 1) * CLUSTER_SIZE]
+            stored = present is None or present[index]
+            await self.write(dev_id, first_cluster + index, chunk if stored else None)
+        return count * CLUSTER_SIZE
 
     async def close_stream(self, dev_id: int) -> int:
         self.closed = True

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import uuid as uuid_mod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._errors import (
@@ -48,26 +49,21 @@ from ._format import (
     BLOCKS_PER_CLUSTER,
     CLUSTER_SIZE,
     EXTENT_HEADER_SIZE,
-    FULL_MASK,
     MAX_BLOB_SIZE,
     MAX_CLUSTER_NUM,
     MAX_CONFIGS,
     MAX_DEVICES,
     VMSTATE_NAME,
     WRITER_CLUSTERS_PER_EXTENT,
+    ZERO_BLOCK,
     BlobTable,
     config_basename,
     encode_extent_header,
     encode_header,
     encode_name,
     make_blockinfo,
+    pack_cluster,
 )
-
-ZERO_BLOCK = bytes(BLOCK_SIZE)
-"""Compared with ``bytes.startswith(ZERO_BLOCK, offset)``: a memcmp, no copy."""
-
-ZERO_CLUSTER = bytes(CLUSTER_SIZE)
-_BLOCK_OFFSETS = tuple(range(0, CLUSTER_SIZE, BLOCK_SIZE))
 
 WRITER_EXTENT_SIZE = EXTENT_HEADER_SIZE + WRITER_CLUSTERS_PER_EXTENT * CLUSTER_SIZE
 """The largest extent this writer seals; an extent buffer must hold this much."""
@@ -298,23 +294,62 @@ class ExtentAssembler:
         self._blockinfo = []
         return length
 
-    def add_cluster(self, dev_id: int, cluster_num: int, data: ClusterData | None) -> int:
+    def add_clusters(
+        self,
+        dev_id: int,
+        first_cluster: int,
+        data: bytes | bytearray,
+        present: Sequence[bool] | None,
+        index: int,
+        count: int,
+    ) -> tuple[int, int]:
+        """Check and pack clusters ``index``, ``index + 1``, ... (below
+        ``count``) of a run into the open extent until it is full; return the
+        next index and the bytes transferred.
+
+        Cluster ``i`` of the run is cluster ``first_cluster + i`` and its data
+        is ``data[i * CLUSTER_SIZE :]``, packed in place (no slice, no copy),
+        or it is all zero, unread, where ``present[i]`` is false.
+        """
+        transferred = 0
+        blockinfo = self._blockinfo
+        while index < count and len(blockinfo) < WRITER_CLUSTERS_PER_EXTENT:
+            cluster_num = first_cluster + index
+            self.check_write(dev_id, cluster_num)
+            if present is None or present[index]:
+                transferred += self.add_cluster(dev_id, cluster_num, data, index * CLUSTER_SIZE)
+            else:
+                transferred += self.add_cluster(dev_id, cluster_num, None)
+            index += 1
+        return index, transferred
+
+    def add_cluster(
+        self, dev_id: int, cluster_num: int, data: ClusterData | None, at: int | None = None
+    ) -> int:
         """Pack one checked cluster into the open extent; return the bytes
         transferred (a cluster, less what lies past the end of a disk).
 
         ``None`` records the cluster as all zero without looking at any data.
+        With ``at``, the cluster is ``data[at : at + CLUSTER_SIZE]`` of a
+        larger buffer (shorter at its end: zero-padded); without, ``data`` is
+        the cluster (shorter: zero-padded; longer: an error).
         """
         buffer = self._buffer
         if buffer is None or self.extent_full:
             raise RuntimeError("add_cluster needs an open extent with room")
         stream = self._streams[dev_id]
-        if data is not None and len(data) > CLUSTER_SIZE:
-            raise self.fail(
-                ClusterSizeError(
-                    f"vma_writer_write: {len(data)} bytes of data for one cluster "
-                    f"(at most {CLUSTER_SIZE})"
+        if data is not None:
+            if at is not None:
+                if len(data) - at >= CLUSTER_SIZE and isinstance(data, bytes | bytearray):
+                    return self._add_whole_cluster(stream, dev_id, cluster_num, data, at)
+                data = memoryview(data)[at : at + CLUSTER_SIZE]
+            elif len(data) > CLUSTER_SIZE:
+                raise self.fail(
+                    ClusterSizeError(
+                        f"vma_writer_write: {len(data)} bytes of data for one cluster "
+                        f"(at most {CLUSTER_SIZE})"
+                    )
                 )
-            )
         if dev_id == self._vmstate_dev_id:
             self._vmstate_next_cluster += 1
 
@@ -329,8 +364,9 @@ class ExtentAssembler:
                 data = bytes(data) + bytes(CLUSTER_SIZE - len(data))
             inside = min(stream.size - offset, CLUSTER_SIZE)
             candidates = max(0, (inside + BLOCK_SIZE - 1) // BLOCK_SIZE)
-            mask = self._copy_blocks(buffer, data, candidates)
+            mask = pack_cluster(buffer, self._pos, data, 0, candidates)
             stored = mask.bit_count()
+            self._pos += stored * BLOCK_SIZE
             stream.zero_bytes += (BLOCKS_PER_CLUSTER - stored) * BLOCK_SIZE
             last_block_end = candidates * BLOCK_SIZE
             if candidates and inside < last_block_end and mask >> (candidates - 1) & 1:
@@ -349,50 +385,22 @@ class ExtentAssembler:
         stream.transferred += transferred
         return transferred
 
-    def _copy_blocks(self, buffer: memoryview, data: bytes | bytearray, candidates: int) -> int:
-        """Copy the non-zero blocks among the first ``candidates`` into the
-        buffer, one memcpy per run of stored blocks; return the mask.
-
-        The common cases are cheap: an all-zero cluster is one memcmp; a
-        cluster where every block has a non-zero first or last byte (so no
-        block can be zero: most data) is two strided slices and one memcpy.
-        Otherwise each block is tested with ``startswith`` (a memcmp; a
-        memoryview comparison goes item by item, about 100x slower).
-        """
-        pos = self._pos
-        if candidates == BLOCKS_PER_CLUSTER:
-            if data == ZERO_CLUSTER:
-                return 0
-            heads = int.from_bytes(data[0::BLOCK_SIZE])
-            tails = int.from_bytes(data[BLOCK_SIZE - 1 :: BLOCK_SIZE])
-            if b"\0" not in (heads | tails).to_bytes(BLOCKS_PER_CLUSTER):
-                buffer[pos : pos + CLUSTER_SIZE] = data
-                self._pos = pos + CLUSTER_SIZE
-                return FULL_MASK
-        is_zero = data.startswith
-        stored = [not is_zero(ZERO_BLOCK, offset) for offset in _BLOCK_OFFSETS[:candidates]]
-        if all(stored):
-            length = candidates * BLOCK_SIZE
-            buffer[pos : pos + length] = memoryview(data)[:length]
-            self._pos = pos + length
-            return (1 << candidates) - 1
-        mask = 0
-        source = memoryview(data)
-        block = 0
-        while block < candidates:
-            if not stored[block]:
-                block += 1
-                continue
-            run_end = block + 1
-            while run_end < candidates and stored[run_end]:
-                run_end += 1
-            length = (run_end - block) * BLOCK_SIZE
-            buffer[pos : pos + length] = source[block * BLOCK_SIZE : run_end * BLOCK_SIZE]
-            pos += length
-            mask |= ((1 << (run_end - block)) - 1) << block
-            block = run_end
-        self._pos = pos
-        return mask
+    def _add_whole_cluster(
+        self, stream: _Stream, dev_id: int, cluster_num: int, data: bytes | bytearray, at: int
+    ) -> int:
+        """:meth:`add_cluster` for a cluster in place in a larger buffer."""
+        if dev_id == self._vmstate_dev_id or (cluster_num + 1) * CLUSTER_SIZE > stream.size:
+            # vmstate's order, or a disk's last cluster (blocks past its end):
+            # the general path, on a copy of this one cluster.
+            return self.add_cluster(dev_id, cluster_num, data[at : at + CLUSTER_SIZE])
+        assert self._buffer is not None
+        mask = pack_cluster(self._buffer, self._pos, data, at)
+        stored = mask.bit_count()
+        self._pos += stored * BLOCK_SIZE
+        stream.zero_bytes += (BLOCKS_PER_CLUSTER - stored) * BLOCK_SIZE
+        stream.transferred += CLUSTER_SIZE
+        self._blockinfo.append(make_blockinfo(dev_id, cluster_num, mask))
+        return CLUSTER_SIZE
 
     # --- closing ---------------------------------------------------------------
 

@@ -312,12 +312,9 @@ async def _backup_stream(
             tg.start_soon(read_ahead)
             async with receive:
                 async for offset, (buf, has_data, read) in receive:
-                    view = memoryview(buf)
-                    first_cluster = offset // CLUSTER_SIZE
-                    for index, data in enumerate(has_data):
-                        # The writer pads a short last cluster and elides zero blocks.
-                        cluster = view[index * CLUSTER_SIZE : (index + 1) * CLUSTER_SIZE]
-                        await writer.write(dev_id, first_cluster + index, cluster if data else None)
+                    # One call per chunk: the writer pads a short last cluster,
+                    # elides zero blocks and skips clusters without data.
+                    await writer.write_clusters(dev_id, offset // CLUSTER_SIZE, buf, has_data)
                     if tracker is not None:
                         tracker.walked(dev_id, len(has_data), read)
                         await tracker.report()

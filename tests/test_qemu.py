@@ -52,16 +52,18 @@ def exists(path: str) -> bool:
     return os.path.lexists(path)
 
 
-def open_fds() -> set[int]:
-    """Our open fds, except /dev/null: uvloop opens it at its first
-    subprocess with ``stdin=DEVNULL`` and keeps it for the next ones."""
+def open_fds() -> set[str]:
+    """Our open fds as ``"FD -> target"``, except /dev/null: uvloop opens it
+    at its first subprocess with ``stdin=DEVNULL`` and keeps it for the next
+    ones.  The target in each entry makes a leak's report say what leaked."""
     fds = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "/dev/null":
-                fds.add(int(fd))
+            target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:  # the fd listdir itself used, closed by now
-            pass
+            continue
+        if target != "/dev/null":
+            fds.add(f"{fd} -> {target}")
     return fds
 
 

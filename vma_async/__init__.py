@@ -18,45 +18,50 @@ the data flow):
 * the ``vma`` command line, a client of the public API only.
 """
 
-from ._assembler import ExtentAssembler
-from ._backup import Image, backup_image, create_archive, open_image
-from ._compress import CompressingTarget
-from ._digest import (
-    DigestRecorder,
-    SidecarDigest,
-    digest_path,
-    read_digest_file,
-    verify_with_digest,
-    write_digest_file,
-)
+import importlib
+from typing import TYPE_CHECKING
+
 from ._errors import *  # noqa: F403
 from ._errors import __all__ as _error_names
-from ._extract import ExtractResult, extract_archive
-from ._format import (
-    BLOCK_SIZE,
-    CLUSTER_SIZE,
-    EXTENT_HEADER_SIZE,
-    MAX_EXTENT_SIZE,
-    ArchiveHeader,
-    ClusterEntry,
-    DeviceInfo,
-    ExtentHeader,
-)
-from ._nbd_client import NbdClient, list_nbd_exports
-from ._nbd_server import NbdExport, serve_nbd
-from ._nbd_sink import NbdSink
-from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
-from ._progress import DeviceProgress, Progress, ProgressCallback
-from ._qemu import QEMU_FORMATS, QemuImage, probe_format
-from ._reader import DeviceView, VmaReader
-from ._repack import repack_archive
-from ._restore_map import RestoreMapEntry, parse_restore_map, read_restore_map
-from ._s3 import S3Source, S3Target, S3TargetStats
-from ._serve import serve_archive
-from ._sink_wrappers import RateLimiter, SinkWrapper, ThrottledSink
-from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
-from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
-from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
+
+if TYPE_CHECKING:
+    from ._assembler import ExtentAssembler
+    from ._backup import Image, backup_image, create_archive, open_image
+    from ._compress import CompressingTarget
+    from ._digest import (
+        DigestRecorder,
+        SidecarDigest,
+        digest_path,
+        read_digest_file,
+        verify_with_digest,
+        write_digest_file,
+    )
+    from ._extract import ExtractResult, extract_archive
+    from ._format import (
+        BLOCK_SIZE,
+        CLUSTER_SIZE,
+        EXTENT_HEADER_SIZE,
+        MAX_EXTENT_SIZE,
+        ArchiveHeader,
+        ClusterEntry,
+        DeviceInfo,
+        ExtentHeader,
+    )
+    from ._nbd_client import NbdClient, list_nbd_exports
+    from ._nbd_server import NbdExport, serve_nbd
+    from ._nbd_sink import NbdSink
+    from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
+    from ._progress import DeviceProgress, Progress, ProgressCallback
+    from ._qemu import QEMU_FORMATS, QemuImage, probe_format
+    from ._reader import DeviceView, VmaReader
+    from ._repack import repack_archive
+    from ._restore_map import RestoreMapEntry, parse_restore_map, read_restore_map
+    from ._s3 import S3Source, S3Target, S3TargetStats
+    from ._serve import serve_archive
+    from ._sink_wrappers import RateLimiter, SinkWrapper, ThrottledSink
+    from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
+    from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
+    from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
 
 __version__ = "0.1.0"
 
@@ -128,3 +133,88 @@ __all__ = [
     "serve_archive",
     *_error_names,
 ]
+
+# Lazy exports (PEP 562): ``import vma_async`` loads only the errors; each
+# public name imports its module on first use.  ``vma --version`` and ``vma
+# list`` must not pay for the event loop, the writer, NBD and S3 (issue 10:
+# start-up <= 60 ms).  The TYPE_CHECKING imports above are the same names for
+# type checkers; tests/test_lazy_exports.py checks that both lists agree.
+_LAZY_EXPORTS: dict[str, str] = {
+    "ExtentAssembler": "_assembler",
+    "Image": "_backup",
+    "backup_image": "_backup",
+    "create_archive": "_backup",
+    "open_image": "_backup",
+    "CompressingTarget": "_compress",
+    "DigestRecorder": "_digest",
+    "SidecarDigest": "_digest",
+    "digest_path": "_digest",
+    "read_digest_file": "_digest",
+    "verify_with_digest": "_digest",
+    "write_digest_file": "_digest",
+    "ExtractResult": "_extract",
+    "extract_archive": "_extract",
+    "BLOCK_SIZE": "_format",
+    "CLUSTER_SIZE": "_format",
+    "EXTENT_HEADER_SIZE": "_format",
+    "MAX_EXTENT_SIZE": "_format",
+    "ArchiveHeader": "_format",
+    "ClusterEntry": "_format",
+    "DeviceInfo": "_format",
+    "ExtentHeader": "_format",
+    "NbdClient": "_nbd_client",
+    "list_nbd_exports": "_nbd_client",
+    "NbdExport": "_nbd_server",
+    "serve_nbd": "_nbd_server",
+    "NbdSink": "_nbd_sink",
+    "ArchiveParser": "_parser",
+    "DeviceReadStats": "_parser",
+    "ParsedExtent": "_parser",
+    "ReadSummary": "_parser",
+    "DeviceProgress": "_progress",
+    "Progress": "_progress",
+    "ProgressCallback": "_progress",
+    "QEMU_FORMATS": "_qemu",
+    "QemuImage": "_qemu",
+    "probe_format": "_qemu",
+    "DeviceView": "_reader",
+    "VmaReader": "_reader",
+    "repack_archive": "_repack",
+    "RestoreMapEntry": "_restore_map",
+    "parse_restore_map": "_restore_map",
+    "read_restore_map": "_restore_map",
+    "S3Source": "_s3",
+    "S3Target": "_s3",
+    "S3TargetStats": "_s3",
+    "serve_archive": "_serve",
+    "RateLimiter": "_sink_wrappers",
+    "SinkWrapper": "_sink_wrappers",
+    "ThrottledSink": "_sink_wrappers",
+    "CallbackSink": "_sinks",
+    "ExistingFileSink": "_sinks",
+    "RawFileSink": "_sinks",
+    "SequentialSink": "_sinks",
+    "Sink": "_sinks",
+    "CommandTarget": "_targets",
+    "FdTarget": "_targets",
+    "FifoTarget": "_targets",
+    "NewFileTarget": "_targets",
+    "Target": "_targets",
+    "StreamStatus": "_writer",
+    "VmaWriter": "_writer",
+    "WriterStats": "_writer",
+    "WriterStatus": "_writer",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY_EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -34,36 +34,23 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import TextIO
-
-import anyio
-import anyio.abc
+from typing import TYPE_CHECKING, TextIO
 
 # The public API only: the command is a client of the library like any other.
-from . import (
-    CLUSTER_SIZE,
-    QEMU_FORMATS,
-    ArchiveHeader,
-    DeviceInfo,
-    DigestRecorder,
-    FormatError,
-    Progress,
-    ReadSummary,
-    RestoreMapEntry,
-    SourceError,
-    VmaError,
-    VmaReader,
-    __version__,
-    create_archive,
-    digest_path,
-    extract_archive,
-    read_digest_file,
-    read_restore_map,
-    repack_archive,
-    serve_archive,
-    verify_with_digest,
-    write_digest_file,
-)
+# Imported where used: `vma --version`, `--help` and `list` must not load the
+# event loop and the whole library first (issue 10: start-up <= 60 ms).
+from . import FormatError, SourceError, VmaError, __version__
+
+if TYPE_CHECKING:
+    import anyio.abc
+
+    from . import (
+        ArchiveHeader,
+        DeviceInfo,
+        Progress,
+        ReadSummary,
+        RestoreMapEntry,
+    )
 
 USAGE = """\
 usage: vma command [command options]
@@ -351,6 +338,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
         elif flag == "--ctime":
             opts.ctime = _epoch(value, "--ctime")
         elif flag == "--format":
+            from . import QEMU_FORMATS
+
             if value not in QEMU_FORMATS:
                 known = ", ".join(sorted(QEMU_FORMATS))
                 raise UsageError(f"--format: unknown image format '{value}' (one of {known})")
@@ -428,6 +417,8 @@ def _emit(stream: TextIO, text: str) -> None:
 async def _emit_off_loop(stream: TextIO, text: str) -> None:
     """:func:`_emit` in a worker thread: stdout may be a pipe whose reader is
     slow, and a blocked write must not stall the restore or backup."""
+    import anyio
+
     await anyio.to_thread.run_sync(_emit, stream, text)
 
 
@@ -621,6 +612,8 @@ class ReadReporter:
         label: str,
         read_total: int | None = None,
     ) -> None:
+        from . import CLUSTER_SIZE
+
         self._mode = mode
         self._read_total = read_total
         self._cluster_count = sum(dev.size // CLUSTER_SIZE for dev in counted)
@@ -631,6 +624,10 @@ class ReadReporter:
         self._bar_due = 0.0
 
     async def __call__(self, progress: Progress) -> None:
+        import anyio
+
+        from . import CLUSTER_SIZE
+
         read = progress.done_bytes // CLUSTER_SIZE
         if self._bar is not None:
             # The bar counts every cluster walked, partial last ones included,
@@ -680,16 +677,20 @@ def _progress_mode(opts: Options) -> str:
 
 
 async def cmd_list(opts: Options) -> int:
+    from . import VmaReader
+
     async with VmaReader.open(opts.args[0]) as reader:
         header = reader.header
-    _emit(sys.stdout, content_json(header) if opts.json else content_lines(header))
-    return 0
+    return show_header(opts, header)
 
 
-async def cmd_config(opts: Options) -> int:
+def show_header(opts: Options, header: ArchiveHeader) -> int:
+    """What ``list`` and ``config`` print: both need the header only."""
+    if opts.command == "list":
+        _emit(sys.stdout, content_json(header) if opts.json else content_lines(header))
+        return 0
     name = opts.config if opts.config is not None else "qemu-server.conf"
-    async with VmaReader.open(opts.args[0]) as reader:
-        data = reader.header.config(name)
+    data = header.config(name)
     if data is None:
         sys.stderr.write(f"unable to find configuration data '{name}'\n")
         return 1
@@ -700,6 +701,10 @@ async def cmd_config(opts: Options) -> int:
 
 
 async def cmd_verify(opts: Options) -> int:
+    import anyio
+
+    from . import VmaReader, digest_path, read_digest_file, verify_with_digest
+
     archive = opts.args[0]
     digest_file = opts.digest_path
     if digest_file is None and archive != "-" and await anyio.Path(digest_path(archive)).exists():
@@ -728,6 +733,8 @@ async def cmd_verify(opts: Options) -> int:
 
 
 async def cmd_extract(opts: Options) -> int:
+    from . import extract_archive, read_restore_map
+
     source, targetdir = opts.args
     mode = _progress_mode(opts)
     reporter: ReadReporter | None = None
@@ -787,6 +794,8 @@ async def _archive_read_total(name: str) -> int | None:
     """How many bytes reading the archive means, for the bar's ETA: the file's
     size when it is a regular file holding an uncompressed archive (a
     compressed or piped one has no size known up front)."""
+
+    import anyio
 
     def probe() -> int | None:
         try:
@@ -851,6 +860,10 @@ def create_devices(
 
 
 async def cmd_create(opts: Options) -> int:
+    import anyio
+
+    from . import DigestRecorder, VmaReader, create_archive, digest_path, write_digest_file
+
     archive, *paths = opts.args
     target = _archive_target(archive)
     recorder = DigestRecorder() if opts.digest else None
@@ -929,6 +942,8 @@ async def cmd_create(opts: Options) -> int:
 
 
 async def cmd_repack(opts: Options) -> int:
+    from . import repack_archive
+
     source, output = opts.args
     try:
         await repack_archive(source, _archive_target(output), uuid=opts.uuid, ctime=opts.ctime)
@@ -955,6 +970,10 @@ def _nbd_uri(address: str | tuple[str, int], name: str) -> str:
 
 
 async def cmd_serve(opts: Options) -> int:
+    import anyio
+
+    from . import VmaReader, serve_archive
+
     archive = opts.args[0]
     async with VmaReader.open(archive) as reader:
         names = [dev.name for dev in reader.header.devices if not dev.is_vmstate]
@@ -991,7 +1010,7 @@ async def cmd_serve(opts: Options) -> int:
 
 COMMANDS: dict[str, Callable[[Options], Awaitable[int]]] = {
     "list": cmd_list,
-    "config": cmd_config,
+    "config": cmd_list,
     "create": cmd_create,
     "extract": cmd_extract,
     "verify": cmd_verify,
@@ -1029,10 +1048,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit(sys.stdout, USAGE)
         return 1
     debug = parsed.debug
+    if parsed.command in ("list", "config"):
+        header = plain_file_header(parsed.args[0])
+        if header is not None:
+            return _run_without_loop(show_header, parsed, header)
     # SIGTERM takes Ctrl-C's path, so that a killed `create` or `extract` also
     # cancels its tasks and removes what it had created.
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
+        import anyio
+
         return anyio.run(
             COMMANDS[parsed.command], parsed, backend=backend, backend_options=backend_options
         )
@@ -1051,6 +1076,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"vma: {_one_line(exc, parsed.args[0])}\n")
+        return 1
+
+
+def plain_file_header(path: str) -> ArchiveHeader | None:
+    """The header of an uncompressed archive in a regular file, read with
+    blocking calls before any event loop exists; None for anything else.
+
+    ``list`` and ``config`` need the header only, and starting asyncio (or
+    trio) and the reader costs more than the rest of the command: Proxmox
+    runs one ``vma list`` per backup file (issue 10: start-up <= 60 ms).
+    Standard input, FIFOs, ``s3://``, compressed archives and every error
+    take the normal path instead, which reads them and reports the error in
+    its own words.
+    """
+    from ._format import HEADER_FIXED_SIZE, VMA_MAGIC, decode_header, header_size_from_prefix
+
+    try:
+        # stat before open: opening a FIFO would release its writer (or wait for one)
+        if path == "-" or not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        os.set_blocking(fd, True)
+        data = os.pread(fd, HEADER_FIXED_SIZE, 0)
+        if not data.startswith(VMA_MAGIC):
+            return None
+        size = header_size_from_prefix(data)
+        return decode_header(data + os.pread(fd, size - len(data), len(data)))
+    except (OSError, VmaError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _run_without_loop(
+    command: Callable[[Options, ArchiveHeader], int], opts: Options, header: ArchiveHeader
+) -> int:
+    """``main``'s error handling for a command that runs without an event loop."""
+    try:
+        return command(opts, header)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -22,7 +22,8 @@ from vma_async import (
     VmaReader,
     VmstateOrderError,
 )
-from vma_async._walker import ExtentWalker, split_blockinfo
+from vma_async._format import split_blockinfo
+from vma_async._walker import ExtentWalker
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,7 @@ import struct
 import uuid as uuid_mod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._errors import (
     BadMagicError,
@@ -466,6 +466,35 @@ def make_blockinfo(dev_id: int, cluster_num: int, mask: int) -> int:
     return (mask << 48) | (dev_id << 32) | cluster_num
 
 
+_LOW_BITS: Final = (1 << 48) - 1
+"""A blockinfo word without its mask: reserved, dev_id and cluster number."""
+
+
+def split_blockinfo(words: Iterable[int]) -> list[tuple[int, int, int]]:
+    """``(dev_id, cluster_num, mask)`` of each blockinfo word.
+
+    With :func:`make_blockinfo` and :func:`cluster_sequence`, the one place
+    that knows the word's layout (mask 63..48, reserved 47..40, dev_id
+    39..32, cluster 31..0)."""
+    return [((word >> 32) & 0xFF, word & 0xFFFFFFFF, word >> 48) for word in words]
+
+
+def cluster_sequence(words: Sequence[int]) -> tuple[int, int, list[int]] | None:
+    """``(dev_id, first cluster, masks)`` when ``words`` name consecutive
+    clusters of one device (the usual extent: then the words without their
+    masks are consecutive integers, which C-speed comparisons can tell),
+    else None."""
+    count = len(words)
+    if not count:
+        return None
+    low = words[0] & _LOW_BITS
+    if low >> 40 or (low & 0xFFFFFFFF) + count > 1 << 32:  # reserved bits, or a wrap
+        return None
+    if [word & _LOW_BITS for word in words] != list(range(low, low + count)):
+        return None
+    return low >> 32, low & 0xFFFFFFFF, [word >> 48 for word in words]
+
+
 # --- zero elision: the writer's per-cluster hot path ---------------------------------
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
@@ -590,9 +619,9 @@ def extent_header_from_blockinfo(block_count: int, blockinfo: Iterable[int]) -> 
     return ExtentHeader(
         block_count,
         tuple(
-            ClusterEntry((word >> 32) & 0xFF, word & 0xFFFFFFFF, word >> 48)
-            for word in blockinfo
-            if (word >> 32) & 0xFF
+            ClusterEntry(dev_id, cluster_num, mask)
+            for dev_id, cluster_num, mask in split_blockinfo(blockinfo)
+            if dev_id
         ),
     )
 

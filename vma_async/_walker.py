@@ -8,9 +8,10 @@ Each error message of those checks is written once, here.
 
 Plan:
 
-* :func:`split_blockinfo` is the one place a blockinfo word is cut into
-  ``(dev_id, cluster_num, mask)``; it cuts a whole extent's words in one
-  comprehension, so the walk itself only unpacks tuples.
+* :func:`~vma_async._format.split_blockinfo` (beside ``make_blockinfo``, the
+  one place that knows the word's layout) cuts a whole extent's words into
+  ``(dev_id, cluster_num, mask)`` in one comprehension, so the walk itself
+  only unpacks tuples.
 * :meth:`ExtentWalker.walk` takes one extent (its data size and its used
   blockinfo words, as :func:`~vma_async._format.decode_extent_blockinfo`
   returns them) and, in the reference's order, checks each entry: a dev_id the
@@ -67,7 +68,15 @@ from ._errors import (
     UnknownDeviceError,
     VmstateOrderError,
 )
-from ._format import BLOCK_SIZE, BLOCKS_PER_CLUSTER, CLUSTER_SIZE, FULL_MASK, DeviceInfo
+from ._format import (
+    BLOCK_SIZE,
+    BLOCKS_PER_CLUSTER,
+    CLUSTER_SIZE,
+    FULL_MASK,
+    DeviceInfo,
+    cluster_sequence,
+    split_blockinfo,
+)
 
 __all__ = [
     "DeviceReadStats",
@@ -77,41 +86,12 @@ __all__ = [
     "missing_cluster_error",
     "short_extent_error",
     "short_extent_header_error",
-    "cluster_sequence",
-    "split_blockinfo",
 ]
 
 Run = list[int]
 """``[dev_id, device offset, data position in the extent, length]`` (mutable while merging)."""
 ZeroRun = list[int]
 """``[dev_id, device offset, length]`` of bytes the archive records as zero."""
-
-
-_LOW_BITS: Final = (1 << 48) - 1
-"""A blockinfo word without its mask: reserved, dev_id and cluster number."""
-
-
-def split_blockinfo(words: Iterable[int]) -> list[tuple[int, int, int]]:
-    """``(dev_id, cluster_num, mask)`` of each blockinfo word: with
-    :func:`cluster_sequence`, the one place that knows the word's layout
-    (mask 63..48, reserved 47..40, dev_id 39..32, cluster 31..0)."""
-    return [((word >> 32) & 0xFF, word & 0xFFFFFFFF, word >> 48) for word in words]
-
-
-def cluster_sequence(words: Sequence[int]) -> tuple[int, int, list[int]] | None:
-    """``(dev_id, first cluster, masks)`` when ``words`` name consecutive
-    clusters of one device (the usual extent: then the words without their
-    masks are consecutive integers, which C-speed comparisons can tell),
-    else None."""
-    count = len(words)
-    if not count:
-        return None
-    low = words[0] & _LOW_BITS
-    if low >> 40 or (low & 0xFFFFFFFF) + count > 1 << 32:  # reserved bits, or a wrap
-        return None
-    if [word & _LOW_BITS for word in words] != list(range(low, low + count)):
-        return None
-    return low >> 32, low & 0xFFFFFFFF, [word >> 48 for word in words]
 
 
 # --- errors worded once ------------------------------------------------------------------------

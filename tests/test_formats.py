@@ -25,18 +25,19 @@ import pytest
 from test_qemu import open_fds, qemu_children
 
 from vma_async import (
+    NbdSink,
     Progress,
     QemuError,
     RestoreMapEntry,
     RestoreMapError,
     SinkError,
+    SinkExistsError,
     VmaError,
     VmaReader,
     create_archive,
     extract_archive,
     parse_restore_map,
 )
-from vma_async._nbd_sink import NbdSink
 
 MiB = 1 << 20
 CLUSTER = 65536
@@ -293,7 +294,7 @@ async def test_sink_refuses_an_existing_image(tmp_path: Path) -> None:
     await create_archive(tmp_path / "a.vma", [("d", tmp_path / "d.raw")])
     existing = write_image(tmp_path / "keep.qcow2", "qcow2", b"\x55" * CLUSTER)
     async with await VmaReader.open(tmp_path / "a.vma") as reader:
-        with pytest.raises(VmaError, match="file exists"):
+        with pytest.raises(SinkExistsError, match="file exists"):
             await reader.restore({"d": NbdSink(existing, "qcow2", create=True)})
     assert virtual_disk(existing, "qcow2") == b"\x55" * CLUSTER
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import anyio
 import anyio.to_thread
 
-from ._errors import DeviceSizeError, NbdError, QemuError, SinkError, TargetExistsError
+from ._errors import DeviceSizeError, NbdError, QemuError, SinkError, SinkExistsError
 from ._fdio import Buffer, create_exclusive, remove_created
 from ._format import DeviceInfo
 from ._qemu import QemuImage, check_format, qemu_img_create
@@ -93,7 +93,7 @@ class NbdSink(Sink):
         try:
             fd = await anyio.to_thread.run_sync(create_exclusive, None, self.path)
         except FileExistsError as exc:
-            raise TargetExistsError(f"can't create file {self.path} - file exists") from exc
+            raise SinkExistsError(f"can't create file {self.path} - file exists") from exc
         except OSError as exc:
             raise SinkError(f"can't create file {self.path} - {exc.strerror}") from exc
         os.close(fd)

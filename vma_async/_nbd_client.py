@@ -29,8 +29,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self, cast
+from typing import cast
 
 import anyio
 import anyio.abc
@@ -38,7 +37,7 @@ import anyio.lowlevel
 
 from . import _nbd_proto as proto
 from ._errors import NbdCommandError, NbdError, NbdOptionError, NbdProtocolError
-from ._opening import Opening
+from ._opening import AsyncResource, Opening
 
 __all__ = ["NbdAddress", "NbdClient", "list_nbd_exports"]
 
@@ -143,7 +142,7 @@ def _describe_refusal(event: proto.OptionRefused, what: str) -> str:
     return f"the NBD server refused {what} ({reason}){message}"
 
 
-class NbdClient:
+class NbdClient(AsyncResource):
     """One connection to one export of an NBD server.
 
     Built by :meth:`connect`; ``await client.aclose()`` (or ``async with``)
@@ -211,17 +210,6 @@ class NbdClient:
         return client
 
     # -- resource protocol
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Send NBD_CMD_DISC (if the connection is healthy) and close; a

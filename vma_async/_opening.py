@@ -17,26 +17,38 @@ An :class:`Opening` is single-use: it opens one resource.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 __all__ = ["AsyncResource", "Opening"]
 
 
-class AsyncResource(Protocol):
-    """What an :class:`Opening` opens: an async context manager with ``aclose``."""
+class AsyncResource(abc.ABC):
+    """What an :class:`Opening` opens (trio's ``AsyncResource``): ``aclose``,
+    and ``async with`` that calls it on the way out.
 
-    async def aclose(self) -> None: ...
+    A resource whose way out depends on how the block ended (the writer
+    finishes an archive on success and aborts it on an exception) overrides
+    ``__aexit__``; the others inherit this one.
+    """
 
-    async def __aenter__(self) -> Self: ...
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release everything; a cancelled ``aclose`` still closes (ungracefully)."""
+
+    async def __aenter__(self) -> Self:
+        return self
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None: ...
+    ) -> bool | None:
+        await self.aclose()
+        return None
 
 
 R = TypeVar("R", bound=AsyncResource)

@@ -48,7 +48,7 @@ import anyio.to_thread
 from ._errors import NbdCommandError, NbdError, QemuError, QemuMissingError
 from ._format import CLUSTER_SIZE
 from ._nbd_client import NbdClient
-from ._opening import Opening
+from ._opening import AsyncResource, Opening
 
 __all__ = [
     "QEMU_FORMATS",
@@ -382,7 +382,7 @@ class QemuNbdServer:
                 await _remove_tree(directory)
 
 
-class QemuImage:
+class QemuImage(AsyncResource):
     """An image opened through qemu-nbd: :attr:`client` reads and writes the
     virtual disk of :attr:`size` bytes.
 

@@ -37,8 +37,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -56,7 +55,7 @@ from ._format import (
     DeviceInfo,
     decode_extent_blockinfo,
 )
-from ._opening import Opening
+from ._opening import AsyncResource, Opening
 from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback, report_progress
 from ._sinks import Sink
@@ -125,7 +124,7 @@ reported as a :class:`SourceError` (an :class:`ArchiveSource` written by an
 application may let these through), never taken for the archive's end."""
 
 
-class VmaReader:
+class VmaReader(AsyncResource):
     """An open archive: the header is read and checked; the extent stream can
     be walked once (by :meth:`restore`, :meth:`verify` or :meth:`extents`),
     and :meth:`open_device` serves random reads of a seekable archive at any
@@ -174,17 +173,6 @@ class VmaReader:
             with anyio.CancelScope(shield=True):
                 await src.aclose()
             raise
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the source.  Cancelled, it still closes it (trio's

@@ -60,7 +60,7 @@ from ._assembler import (
 from ._compress import CompressingTarget
 from ._errors import VmaError, WriterAbortedError
 from ._format import CLUSTER_SIZE
-from ._opening import Opening
+from ._opening import AsyncResource, Opening
 from ._targets import ALIGNMENT, Target, TargetLike, resolve_target
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
@@ -107,7 +107,7 @@ def _sticky_error(exc: BaseException) -> BaseException:
     return error
 
 
-class VmaWriter:
+class VmaWriter(AsyncResource):
     """Writes one VMA archive; see the module docstring for the design.
 
     Create with :meth:`open`.  Methods may be called from any number of tasks

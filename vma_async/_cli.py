@@ -843,6 +843,8 @@ def create_devices(
     the format required) or the older positional ``[format=FMT:][NAME=]PATH``
     (format None: the library probes the image), never both.  Unnamed
     devices are disk0, disk1, ... in order."""
+    from ._qemu import QEMU_FORMATS
+
     if disk_options and positional:
         raise VmaError("Unexpected extra argument - specify all devices via '-d'")
     devices: list[tuple[str, str, str | None]] = []
@@ -855,6 +857,11 @@ def create_devices(
         elif disk_options:
             raise VmaError(f"No format specified for device: '{spec}'")
         name, equals, path = rest.partition("=")
+        if fmt is not None and fmt not in QEMU_FORMATS:
+            # The reference's words (QEMU's blk_new_open), as a restore map's format= gets.
+            raise VmaError(
+                f"bdrv_open '{path if equals else rest}' failed - Unknown driver '{fmt}'"
+            )
         devices.append((name, path, fmt) if equals else (f"disk{index}", rest, fmt))
     return devices
 

@@ -11,15 +11,11 @@ The test suite runs it for a bounded number of inputs with a fixed seed.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-import shutil
-import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 import atheris
+from _runner import fuzz
 
 with atheris.instrument_imports():
     from vma_async import _format as fmt
@@ -104,16 +100,7 @@ def seeds() -> list[bytes]:
 
 
 def main() -> None:
-    argv = list(sys.argv)
-    if all(arg.startswith("-") for arg in argv[1:]):
-        # No corpus directory given: start from the valid seeds, not from nothing.
-        corpus = Path(tempfile.mkdtemp(prefix="vma-fuzz-corpus-"))
-        atexit.register(shutil.rmtree, corpus, ignore_errors=True)
-        for index, seed in enumerate(seeds()):
-            (corpus / f"seed-{index}").write_bytes(seed)
-        argv.append(str(corpus))
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input, seeds(), "vma-fuzz-corpus-")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ The test suite runs it for a bounded number of inputs with a fixed seed.
 
 from __future__ import annotations
 
-import atexit
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import atheris
+from _runner import fuzz
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -61,15 +59,7 @@ def seeds() -> list[bytes]:
 
 
 def main() -> None:
-    argv = list(sys.argv)
-    if all(arg.startswith("-") for arg in argv[1:]):
-        corpus = Path(tempfile.mkdtemp(prefix="nbd-fuzz-corpus-"))
-        atexit.register(shutil.rmtree, corpus, ignore_errors=True)
-        for index, seed in enumerate(seeds()):
-            (corpus / f"seed-{index}").write_bytes(seed)
-        argv.append(str(corpus))
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input, seeds(), "nbd-fuzz-corpus-")
 
 
 if __name__ == "__main__":

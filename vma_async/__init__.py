@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from ._nbd_client import NbdClient, list_nbd_exports
     from ._nbd_server import NbdExport, serve_nbd
     from ._nbd_sink import NbdSink
+    from ._opening import AsyncResource, Opening
     from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
     from ._progress import DeviceProgress, Progress, ProgressCallback
     from ._qemu import QEMU_FORMATS, QemuImage, probe_format
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from ._serve import serve_archive
     from ._sink_wrappers import RateLimiter, SinkWrapper, ThrottledSink
     from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
+    from ._sources import ArchiveSource, open_source
     from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
     from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
 
@@ -131,6 +133,10 @@ __all__ = [
     "NbdExport",
     "serve_nbd",
     "serve_archive",
+    "ArchiveSource",
+    "open_source",
+    "AsyncResource",
+    "Opening",
     *_error_names,
 ]
 
@@ -167,6 +173,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "NbdExport": "_nbd_server",
     "serve_nbd": "_nbd_server",
     "NbdSink": "_nbd_sink",
+    "AsyncResource": "_opening",
+    "Opening": "_opening",
     "ArchiveParser": "_parser",
     "DeviceReadStats": "_parser",
     "ParsedExtent": "_parser",
@@ -187,6 +195,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "S3Target": "_s3",
     "S3TargetStats": "_s3",
     "serve_archive": "_serve",
+    "ArchiveSource": "_sources",
+    "open_source": "_sources",
     "RateLimiter": "_sink_wrappers",
     "SinkWrapper": "_sink_wrappers",
     "ThrottledSink": "_sink_wrappers",

@@ -19,10 +19,11 @@ the data flow):
 """
 
 import importlib
-from typing import TYPE_CHECKING
 
 from ._errors import *  # noqa: F403
 from ._errors import __all__ as _error_names
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
 
 if TYPE_CHECKING:
     from ._assembler import ExtentAssembler

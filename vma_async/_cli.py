@@ -34,14 +34,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, TextIO
 
 # The public API only: the command is a client of the library like any other.
 # Imported where used: `vma --version`, `--help` and `list` must not load the
 # event loop and the whole library first (issue 10: start-up <= 60 ms).
 from . import FormatError, SourceError, VmaError, __version__
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    from typing import TextIO
+
     import anyio.abc
 
     from . import (

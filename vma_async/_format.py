@@ -20,7 +20,6 @@ import struct
 import uuid as uuid_mod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
 
 from ._errors import (
     BadMagicError,
@@ -35,6 +34,11 @@ from ._errors import (
     InvalidNameError,
     UnsupportedVersionError,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import Final
+
 
 # --- units ---------------------------------------------------------------------
 

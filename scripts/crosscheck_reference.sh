@@ -4,7 +4,9 @@
 # Usage: VMA_REFERENCE=/path/to/reference/vma scripts/crosscheck_reference.sh
 #
 # Optional: VMA_OURS (default: .venv/bin/vma of this checkout), PYTHON (default:
-# .venv/bin/python), KEEP_WORKDIR=1 to keep the scratch directory for inspection.
+# .venv/bin/python), KEEP_WORKDIR=1 to keep the scratch directory for inspection,
+# VMA_REFERENCE_CURRENT=/path/to/current/vma (today's Proxmox tool) to add section 3g:
+# skip=, extract -d and create -d compared with it.
 # Prints one PASS/FAIL line per check (INFO lines record reference behaviour that
 # is not a pass/fail matter) and exits 1 when any check failed.
 # How to build the reference binary: docs/compatibility.md.
@@ -488,6 +490,184 @@ if [ "$(rc f-help)" = 0 ]; then
     info "the reference supports extract -d: partial restore could be compared here"
 else
     info "the reference built here predates 'extract -d' and 'skip=' (pve-qemu 2022+): partial restore is covered by tests/test_partial_restore.py only"
+fi
+
+# --- 3g: current Proxmox vma (optional): skip=, extract -d, create -d ----------------------------
+# VMA_REFERENCE_CURRENT=/path/to/vma built from today's pve-qemu patch (docs/compatibility.md,
+# "The current tool"). Compares our partial restore and create -d with it, output and bytes.
+if [ -n "${VMA_REFERENCE_CURRENT:-}" ]; then
+    CUR=$VMA_REFERENCE_CURRENT
+    echo "== 3g: current reference ($CUR): skip=, extract -d, create -d"
+    # both_run TAG ARGS...: run the current reference and ours; @W@ in an argument becomes
+    # cur or ours (target directories, maps). Results in TAG-cur.* and TAG-ours.*.
+    both_run() {
+        local tag=$1
+        shift
+        run "$tag-cur" "$CUR" "${@//@W@/cur}"
+        run "$tag-ours" "$OURS" "${@//@W@/ours}"
+    }
+    # same_output TAG: stdout without progress lines and with cur/ours replaced, stderr, and
+    # exit status are equal.
+    same_output() {
+        diff -q <(grep -v '^progress ' "$1-cur.out" | sed 's/cur/W/g') \
+            <(grep -v '^progress ' "$1-ours.out" | sed 's/ours/W/g') >/dev/null \
+            && cmp -s "$1-cur.err" "$1-ours.err" && [ "$(rc "$1-cur")" = "$(rc "$1-ours")" ]
+    }
+    # same_failure TITLE TAG: both fail with the same message (exit status: cur 133, ours 1).
+    same_failure() {
+        local r o status
+        r=$(errline "$2-cur")
+        o=$(errline "$2-ours")
+        [ "$(rc "$2-cur")" != 0 ] && [ "$(rc "$2-ours")" != 0 ] && [ -n "$r" ] && [ "$r" = "$o" ]
+        status=$?  # before the title's command substitutions reset $?
+        verdict "3g $1: '$r' (exit cur $(rc "$2-cur"), ours $(rc "$2-ours"))" $status "ours: '$o'"
+    }
+    # aa_targets WHO NAME:IMAGE...: target files of each image's size, filled with 0xAA.
+    aa_targets() {
+        local who=$1 pair
+        shift
+        for pair in "$@"; do
+            "$PY" -c 'import os, sys; open(sys.argv[1], "wb").write(b"\xaa" * os.path.getsize(sys.argv[2]))' \
+                "g-$who-${pair%%:*}.raw" "${pair##*:}"
+        done
+    }
+    is_aa() { "$PY" -c 'import sys; d = open(sys.argv[1], "rb").read(); sys.exit(d.count(0xAA) != len(d))' "$1"; }
+
+    # (c) first: the archive the other checks read is made by the current reference's create -d.
+    both_run g-create create g-@W@.vma -c qemu-server.conf -d format=raw:drive-a=c3-mixed.raw \
+        -d format=raw:drive-b=c70-mixed.raw -d format=raw:c1-random.raw
+    ok=0
+    same_output g-create || ok=1
+    diff -q <("$CUR" list g-cur.vma | grep -v '^CTIME') <("$CUR" list g-ours.vma | grep -v '^CTIME') >/dev/null || ok=1
+    for who in cur ours; do
+        run "g-create-x-$who" "$CUR" extract "g-$who.vma" "g-create-x-$who"
+        [ "$(rc "g-create-x-$who")" = 0 ] || ok=1
+        cmp -s c3-mixed.raw "g-create-x-$who/disk-drive-a.raw" || ok=1
+        cmp -s c70-mixed.raw "g-create-x-$who/disk-drive-b.raw" || ok=1
+        cmp -s c1-random.raw "g-create-x-$who/disk-disk2.raw" || ok=1
+    done
+    verdict "3g 'create -d format=raw:NAME=PATH -d ... -d format=raw:PATH': output, list (but CTIME) and every disk (extracted by the reference) equal" $ok \
+        "$(errline g-create-cur) $(errline g-create-ours)"
+    both_run g-mix1 create g-mix1-@W@.vma -d format=raw:drive-a=c3-mixed.raw c1-random.raw
+    same_failure "create: -d mixed with a positional device" g-mix1
+    both_run g-mix2 create g-mix2-@W@.vma c1-random.raw -d format=raw:drive-a=c3-mixed.raw
+    same_failure "create: a positional device mixed with -d" g-mix2
+    both_run g-nofmt create g-nofmt-@W@.vma -d drive-a=c3-mixed.raw
+    same_failure "create: -d without format=" g-nofmt
+    both_run g-unterm create g-unterm-@W@.vma -d format=raw
+    same_failure "create: -d format=raw (no ':')" g-unterm
+    both_run g-unknown create g-unknown-@W@.vma -d format=qcow3:drive-a=c3-mixed.raw
+    same_failure "create: -d with an unknown format" g-unknown
+    ok=0
+    for tag in g-mix1 g-mix2 g-nofmt g-unterm g-unknown; do [ -e "$tag-ours.vma" ] && ok=1; done
+    verdict "3g ours: no archive file left by a bad create -d" $ok
+    info "current reference leaves [$(ls g-*-cur.vma 2>/dev/null | grep -v '^g-cur.vma$' | tr '\n' ' ')] after bad create -d specs (docs/cli.md)"
+    both_run g-pos create g-pos-@W@.vma drive-a=c3-mixed.raw c1-random.raw
+    info "current reference, positional devices: exit $(rc g-pos-cur), stderr '$(paste -sd '|' g-pos-cur.err)'; ours: exit $(rc g-pos-ours), stderr '$(paste -sd '|' g-pos-ours.err)'"
+    if command -v qemu-img >/dev/null && command -v qemu-nbd >/dev/null; then
+        qemu-img convert -q -f raw -O qcow2 c70-mixed.raw g-src.qcow2
+        both_run g-qcow2 create g-qcow2-@W@.vma -d format=qcow2:drive-q=g-src.qcow2 -d format=raw:drive-a=c3-mixed.raw
+        ok=0
+        same_output g-qcow2 || ok=1
+        for who in cur ours; do
+            run "g-qcow2-x-$who" "$CUR" extract "g-qcow2-$who.vma" "g-qcow2-x-$who"
+            cmp -s c70-mixed.raw "g-qcow2-x-$who/disk-drive-q.raw" || ok=1
+            cmp -s c3-mixed.raw "g-qcow2-x-$who/disk-drive-a.raw" || ok=1
+        done
+        verdict "3g 'create -d format=qcow2:...': both archives restore the virtual disk" $ok
+    fi
+
+    # (a) extract -d
+    both_run g-d extract -v -d drive-a,disk2 g-cur.vma g-d-@W@
+    ok=0
+    same_output g-d || ok=1
+    [ "$(ls g-d-cur | tr '\n' ' ')" = "$(ls g-d-ours | tr '\n' ' ')" ] || ok=1
+    cmp -s c3-mixed.raw g-d-ours/disk-drive-a.raw && cmp -s c1-random.raw g-d-ours/disk-disk2.raw || ok=1
+    cmp -s g-d-cur/disk-drive-a.raw g-d-ours/disk-drive-a.raw || ok=1
+    verdict "3g 'extract -v -d drive-a,disk2': output (but progress), files [$(ls g-d-ours | tr '\n' ' ')] and bytes == reference's" $ok
+    info "'extract -v -d': progress lines: reference $(grep -c '^progress' g-d-cur.out) (counts every disk's clusters), ours $(grep -c '^progress' g-d-ours.out) (the restored disks')"
+    both_run g-d2 extract g-cur.vma g-d2-@W@ -d drive-a -d drive-b
+    info "'extract -d drive-a -d drive-b': reference restores [$(ls g-d2-cur | tr '\n' ' ')] (the last list), ours [$(ls g-d2-ours | tr '\n' ' ')] (the lists add up)"
+    both_run g-du extract -d drive-a,drive-x g-cur.vma g-du-@W@
+    info "'extract -d drive-a,drive-x' (unknown name): reference exit $(rc g-du-cur), restores [$(ls g-du-cur 2>/dev/null | tr '\n' ' ')]"
+    [ "$(rc g-du-ours)" = 1 ] && [ ! -e g-du-ours ] \
+        && [ "$(errline g-du-ours)" = "vma: no disk named 'drive-x' in the archive (its disks: drive-a, drive-b, disk2)" ]
+    verdict "3g ours: 'extract -d' with an unknown name fails naming the archive's disks, nothing created" $? "$(errline g-du-ours)"
+
+    # (b) -r MAP with skip= lines (targets prefilled with 0xAA and written with zeros, 1:; the
+    # skipped one must stay 0xAA)
+    for who in cur ours; do
+        aa_targets "$who" a:c3-mixed.raw b:c70-mixed.raw c:c1-random.raw
+        printf 'format=raw:1:drive-a=%s\nskip=drive-b\n1:disk2=%s\ndone\n' \
+            "$work/g-$who-a.raw" "$work/g-$who-c.raw" >"g-map-$who.txt"
+        printf 'format=raw:1:drive-a=%s\nskip=drive-b\ndone\n' "$work/g-$who-a.raw" >"g-map2-$who.txt"
+    done
+    both_run g-skip extract -v -r g-map-@W@.txt g-cur.vma g-skip-@W@
+    ok=0
+    same_output g-skip || ok=1
+    for t in a b c; do cmp -s "g-cur-$t.raw" "g-ours-$t.raw" || ok=1; done
+    cmp -s c3-mixed.raw g-ours-a.raw && cmp -s c1-random.raw g-ours-c.raw && is_aa g-ours-b.raw || ok=1
+    verdict "3g 'extract -v -r MAP' with skip=drive-b: output (but progress), exit status and every target == reference's (skipped one untouched)" $ok \
+        "$(errline g-skip-cur) $(errline g-skip-ours)"
+    both_run g-nomap extract -r g-map2-@W@.txt g-cur.vma g-nomap-@W@
+    same_failure "'extract -r' with a disk that has neither a map line nor skip=" g-nomap
+    printf 'skip=\ndone\n' >g-map3.txt
+    both_run g-skipempty extract -r g-map3.txt g-cur.vma g-skipempty-@W@
+    same_failure "'extract -r' with 'skip=' and no name" g-skipempty
+    for who in cur ours; do aa_targets "$who" a:c3-mixed.raw; done
+    both_run g-dmap extract -d drive-a -r g-map2-@W@.txt g-cur.vma g-dmap-@W@
+    ok=0
+    same_output g-dmap || ok=1
+    cmp -s g-cur-a.raw g-ours-a.raw && cmp -s c3-mixed.raw g-ours-a.raw || ok=1
+    verdict "3g 'extract -d drive-a -r MAP' (no line for disk2 needed): output, exit status, target == reference's" $ok
+    # A duplicated cluster in the skipped disk: no duplicate check for it (both succeed).
+    "$PY" - g-cur.vma g-dup.vma <<'PYEOF'
+import hashlib, struct, sys
+
+data = bytearray(open(sys.argv[1], "rb").read())
+offset = struct.unpack(">I", data[56:60])[0]
+while True:  # drive-b (dev_id 2): cluster 1 renamed cluster 0
+    count = struct.unpack(">H", data[offset + 6 : offset + 8])[0]
+    for at in range(offset + 40, offset + 512, 8):
+        word = struct.unpack(">Q", data[at : at + 8])[0]
+        if (word >> 32) & 0xFF == 2 and word & 0xFFFFFFFF == 1:
+            data[at : at + 8] = struct.pack(">Q", word & ~0xFFFFFFFF)
+            data[offset + 24 : offset + 40] = bytes(16)
+            data[offset + 24 : offset + 40] = hashlib.md5(data[offset : offset + 512]).digest()
+            open(sys.argv[2], "wb").write(data)
+            sys.exit(0)
+    offset += 512 + 4096 * count
+PYEOF
+    both_run g-dupfull extract g-dup.vma g-dupfull-@W@
+    same_failure "extract of an archive with a duplicated cluster" g-dupfull
+    for who in cur ours; do aa_targets "$who" a:c3-mixed.raw c:c1-random.raw; done
+    both_run g-dupskip extract -r g-map-@W@.txt g-dup.vma g-dupskip-@W@
+    ok=0
+    same_output g-dupskip || ok=1
+    cmp -s c3-mixed.raw g-ours-a.raw && cmp -s c1-random.raw g-ours-c.raw || ok=1
+    verdict "3g skip= of the disk with the duplicated cluster: both succeed, targets == images" $ok \
+        "$(errline g-dupskip-cur) $(errline g-dupskip-ours)"
+    # The qmrestore flow: zstd -dc ARCHIVE | vma extract -v -r FIFO - DIR, the map written once
+    # the CTIME line is out.
+    zstd -q -f g-cur.vma -o g-cur.vma.zst
+    ok=0
+    for who in cur ours; do
+        exe=$CUR
+        [ "$who" = ours ] && exe=$OURS
+        aa_targets "$who" a:c3-mixed.raw b:c70-mixed.raw c:c1-random.raw
+        mkfifo "g-fifo-$who"
+        { zstd -q -d -c g-cur.vma.zst | "$exe" extract -v -r "g-fifo-$who" - "g-fifo-x-$who" \
+            >"g-fifo-$who.out" 2>"g-fifo-$who.err"; echo $? >"g-fifo-$who.rc"; } 2>/dev/null &
+        for _ in $(seq 300); do grep -q '^CTIME' "g-fifo-$who.out" 2>/dev/null && break; sleep 0.1; done
+        cat "g-map-$who.txt" >"g-fifo-$who"
+        wait $!
+        [ "$(rc "g-fifo-$who")" = 0 ] || ok=1
+        cmp -s c3-mixed.raw "g-$who-a.raw" && cmp -s c1-random.raw "g-$who-c.raw" && is_aa "g-$who-b.raw" || ok=1
+        cmp -s qemu-server.conf "g-fifo-x-$who/qemu-server.conf" || ok=1
+    done
+    same_output g-fifo || ok=1
+    verdict "3g qmrestore flow (zstd -dc | extract -v -r FIFO - DIR, skip=): output, config, every target == reference's" $ok \
+        "$(errline g-fifo-cur) $(errline g-fifo-ours)"
 fi
 
 echo

@@ -293,8 +293,8 @@ class VmaWriter(AsyncResource):
         The batch form of :meth:`write` for producers that read large chunks
         (``backup_image`` reads 4 MiB): one checkpoint per call and one lock
         per extent instead of per cluster, and the clusters are packed in
-        place from ``data``.  Per 64 KiB cluster that cut the CPU of a create
-        by about half (issue 10, see docs/writer.md).  The data is copied
+        place from ``data``: the user CPU of ``vma create`` of 1 GiB went from
+        0.63 to 0.39 s (issue 10, see docs/writer.md).  The data is copied
         before this returns.  A call that fails or is cancelled part way may
         have queued the leading clusters: it is meant for producers whose
         failure ends the archive, as ``backup_image``'s does.

@@ -339,8 +339,10 @@ same_error() {
     local r o
     r=$(errline d-ref)
     o=$(errline d-ours)
-    [ "$(rc d-ref)" != 0 ] && [ "$(rc d-ours)" != 0 ] && [ "$r" = "$o" ]
-    verdict "3d $title: '$r' (exit ref $(rc d-ref), ours $(rc d-ours))" $? "ours: '$o'"
+    local status=0
+    [ "$(rc d-ref)" != 0 ] && [ "$(rc d-ours)" != 0 ] && [ "$r" = "$o" ] || status=1
+    # status is taken before the title's $(rc ...) calls, which reset $?.
+    verdict "3d $title: '$r' (exit ref $(rc d-ref), ours $(rc d-ours))" "$status" "ours: '$o'"
     rm -rf d-ref-dir d-ours-dir
 }
 same_error "verify of a mid-extent truncation" verify short.vma

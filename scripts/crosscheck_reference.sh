@@ -144,6 +144,18 @@ for i in "${!ODD_NAMES[@]}"; do
     restored_equal "${ODD_FILES[$i]}" "ref-sx/disk-${ODD_NAMES[$i]}.raw" || ok=1
 done
 verdict "3a reference: extract - (zstd -dc pipe), every device == image" "$ok"
+for method in zstd gzip; do  # in-process compression (vma create --compress)
+    run "a-c$method" "$OURS" create --compress "$method" "ours-c.vma.$method" \
+        -c qemu-server.conf "${ODD_DEVICES[@]}"
+    verdict "3a ours: create --compress $method" "$(rc "a-c$method")" "$(errline "a-c$method")"
+    if [ "$method" = zstd ]; then unpack="zstd -dc"; else unpack="gzip -dc"; fi
+    run "a-c$method-x" sh -c "$unpack ours-c.vma.$method | '$REF' extract - ref-c$method"
+    ok=$(rc "a-c$method-x")
+    for i in "${!ODD_NAMES[@]}"; do
+        restored_equal "${ODD_FILES[$i]}" "ref-c$method/disk-${ODD_NAMES[$i]}.raw" || ok=1
+    done
+    verdict "3a reference: extract - of our --compress $method archive, every device == image" "$ok"
+done
 
 # --- 3b: archives made by the reference's create, read by ours -------------------------------
 echo "== 3b: reference archives, our reader"

@@ -79,6 +79,22 @@ PROBE_SIZE: Final = 512
 _NBD_STATE_ZERO: Final = 2
 """``base:allocation`` flag: the range reads as zeros."""
 
+_SEND_BUFFER: Final = 4 << 20
+"""``SO_SNDBUF`` asked for on the connection to qemu-nbd (the kernel caps it at
+``net.core.wmem_max``): a write of several MiB then goes out in a few
+``send`` calls, not one event-loop wake-up per 208 KiB default buffer
+(measured, 1 GiB half-random image to qcow2, 8 interleaved runs on a
+loaded machine: 1.73 s median without, 1.22 s with)."""
+_DIRECT_WRITES: Final = ("--cache=none",)
+"""qemu-nbd's options for an image written without a ``cache=`` mode: the
+data bypasses the page cache (``O_DIRECT``), so it reaches the disk while
+the restore runs; with the default writeback cache a restore that fits in
+memory wrote nothing until the final ``NBD_CMD_FLUSH``, and then all of it
+(measured, a 4 GiB half-random image to qcow2, 3 interleaved runs on a
+loaded machine: 4.58 s median with the default cache, 3.27 s with
+``--cache=none``; adding ``--aio=native`` gained nothing).  The end is just
+as durable: the restore still flushes.  A file system without ``O_DIRECT``
+keeps the default."""
 _VDI_SIGNATURE_OFFSET: Final = 0x40
 _VDI_SIGNATURE: Final = 0xBEDA107F
 
@@ -193,6 +209,20 @@ def probe_file_format(fd: int) -> str | None:
 # --- qemu-nbd ----------------------------------------------------------------------
 
 
+def _direct_io_works(path: str) -> bool:
+    """Whether ``path`` opens with ``O_DIRECT`` (a missing file, or a file
+    system without it such as tmpfs before Linux 6.6, says no)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 async def _remove_tree(directory: str) -> None:
     await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
 
@@ -269,6 +299,8 @@ class QemuNbdServer:
             argv.append("--read-only")
         if cache is not None:  # qemu-nbd checks the mode itself ("off" is our alias)
             argv.append(f"--cache={'none' if cache == 'off' else cache}")
+        elif not read_only and await anyio.to_thread.run_sync(_direct_io_works, name):
+            argv += _DIRECT_WRITES
         if discard:
             argv.append("--discard=unmap")
         directory = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="vma-qemu-nbd-"))
@@ -314,6 +346,8 @@ class QemuNbdServer:
                         pass
                     else:
                         if await self._greeted(stream):
+                            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
                             return stream
                 if self._process.returncode is not None:
                     raise QemuError(f"can't open file {self.path} - {self.describe_exit()}")

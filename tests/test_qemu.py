@@ -20,6 +20,7 @@ import pytest
 from vma_async import QemuError, QemuMissingError, _qemu
 from vma_async._qemu import (
     QemuNbdServer,
+    _direct_io_works,
     find_tool,
     probe_file_format,
     probe_format,
@@ -203,3 +204,35 @@ async def test_nbd_server_cancelled_while_starting(
     assert not exists(os.path.dirname(spawned[0].socket_path))
     assert qemu_children() == []
     assert open_fds() == before
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("read_only", "cache", "expected"),
+    [
+        (False, None, "direct"),  # writes reach the disk during a restore, not at the flush
+        (False, "writeback", "--cache=writeback"),
+        (False, "off", "--cache=none"),  # the restore map's alias
+        (True, None, None),  # a backup only reads: qemu-nbd's default
+    ],
+)
+async def test_nbd_server_cache_mode(
+    tmp_path: Path, read_only: bool, cache: str | None, expected: str | None
+) -> None:
+    """The cache mode qemu-nbd really runs with (read from /proc)."""
+    image = img_create(tmp_path / "disk.qcow2", "qcow2")
+    server, stream = await QemuNbdServer.start(image, "qcow2", read_only=read_only, cache=cache)
+    try:
+        cmdline = await anyio.Path(f"/proc/{server._process.pid}/cmdline").read_bytes()
+        argv = cmdline.split(b"\0")
+    finally:
+        await stream.aclose()
+        await server.stop(graceful=False)
+        await server.remove_directory()
+    caches = [arg.decode() for arg in argv if arg.startswith(b"--cache")]
+    if expected == "direct":
+        # --cache=none needs O_DIRECT; where the file system lacks it, qemu-nbd's default stays
+        assert caches == (["--cache=none"] if _direct_io_works(str(image)) else [])
+    else:
+        assert caches == ([expected] if expected else [])
+    assert qemu_children() == []

@@ -300,7 +300,16 @@ async def test_open_device_reads_only_headers_and_asked_blocks(archive: Path) ->
             sizes.append(size)
             return real_pread(offset, size)
 
+        real_cached = source.pread_cached
+
+        def counting_cached(offset: int, size: int) -> bytes | None:
+            data = real_cached(offset, size)
+            if data is not None:
+                sizes.append(size)
+            return data
+
         source.pread = counting  # type: ignore[method-assign]
+        source.pread_cached = counting_cached  # type: ignore[method-assign]
         view = await reader.open_device("disk2")
         # headers only: 512 bytes after a big extent, one read-ahead after a small one
         assert max(sizes) <= 65536
@@ -318,6 +327,36 @@ async def test_open_device_reads_only_headers_and_asked_blocks(archive: Path) ->
         tail = await (await reader.open_device(1)).read(len(DISK0) - 10, 100)
         assert tail == DISK0[-10:]
         assert await (await reader.open_device("disk1")).read(0, 300_000) == DISK1
+
+
+@pytest.mark.parametrize("cache", ["page cache", "worker thread"])
+async def test_random_reads_from_the_page_cache_or_a_thread(archive: Path, cache: str) -> None:
+    """A read the page cache can answer is served on the event loop
+    (``pread_cached``, RWF_NOWAIT); any other takes a worker thread.  Both
+    give the same bytes, and a file source's cached read equals ``pread``."""
+    async with VmaReader.open(archive) as reader:
+        source: ArchiveSource = reader._source
+        assert source.pread_cached(0, 4096) in (None, source.pread(0, 4096))
+        threads: list[int] = []
+        real_pread = source.pread
+
+        def pread(offset: int, size: int) -> bytes:
+            threads.append(size)
+            return real_pread(offset, size)
+
+        source.pread = pread  # type: ignore[method-assign]
+        if cache == "worker thread":
+            source.pread_cached = lambda offset, size: None  # type: ignore[method-assign]
+        view = await reader.open_device("disk2")
+        threads.clear()
+        rng = random.Random(7)
+        for _ in range(30):
+            offset = rng.randrange(len(DISK2))
+            size = rng.randrange(1, 2 << 20)  # past the 1 MiB the loop path takes
+            assert await view.read(offset, size) == DISK2[offset : offset + size]
+        if cache == "worker thread":
+            assert threads  # every stored part was read in a thread
+    assert ArchiveSource.pread_cached(source, 0, 1) is None  # the default: never without blocking
 
 
 async def test_open_device_on_a_truncated_archive(tmp_path: Path, archive_bytes: bytes) -> None:

@@ -48,6 +48,10 @@ import anyio.to_thread
 
 from ._errors import SourceError
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+"""Linux 4.14+: a read that must not wait for the disk (0 elsewhere: then
+``pread_cached`` simply reads, so it is only used where the flag exists)."""
+
 __all__ = ["CHUNK_SIZE", "ArchiveSource", "Chunk", "SourceLike", "open_source"]
 
 READ_SIZE: Final = 4 << 20
@@ -137,6 +141,16 @@ class ArchiveSource(ABC):
         default refuses.
         """
         raise SourceError("random access needs an uncompressed archive in a regular file")
+
+    def pread_cached(self, offset: int, size: int) -> bytes | None:
+        """The same bytes as :meth:`pread` if they can be had without
+        blocking (for a file: all of them in the page cache), else None.
+
+        Called on the event loop by random access: a cached read then costs
+        a memcpy instead of a worker-thread hop (the hop was most of an NBD
+        read's time).  The default says "not without blocking".
+        """
+        return None
 
     def archive_size(self) -> int:
         """The archive's size in bytes (blocking; only when :attr:`seekable`)."""
@@ -262,6 +276,19 @@ class _FileSource(ArchiveSource):
             return os.pread(self._fd, size, offset)
         except OSError as exc:
             raise SourceError(f"read failed - {exc.strerror}") from exc
+
+    def pread_cached(self, offset: int, size: int) -> bytes | None:
+        # RWF_NOWAIT: the kernel copies what the page cache holds and answers
+        # EAGAIN rather than wait for the disk.  A short or refused read,
+        # a kernel or file system without the flag: the caller's thread path.
+        if not _RWF_NOWAIT:
+            return None
+        buffer = bytearray(size)
+        try:
+            got = os.preadv(self._fd, [buffer], offset, _RWF_NOWAIT)
+        except OSError:
+            return None
+        return bytes(buffer) if got == size else None
 
     def archive_size(self) -> int:
         st = os.fstat(self._fd)

@@ -46,6 +46,7 @@ import pytest
 import zstandard
 from dissect.archive.vma import VMA
 
+from tests.harness import FdLeakCheck
 from vma_async import CallbackSink, Sink, VmaError, VmaReader, VmaWriter, extract_archive
 from vma_async._format import encode_extent_header, encode_header, make_blockinfo
 
@@ -431,10 +432,6 @@ class FuzzReport:
     peak_memory: int = 0
 
 
-def _fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
 async def run_campaign(
     count: int,
     seed: int,
@@ -451,7 +448,7 @@ async def run_campaign(
         rng = random.Random(f"{seed}:{index}")
         data, label = mutate(rng.choice(seeds), rng)
         mode = rng.choice(MODES)
-        fds = _fds()
+        fds = FdLeakCheck.snapshot()
         if tracing:
             tracemalloc.reset_peak()
         started = time.monotonic()
@@ -475,8 +472,8 @@ async def run_campaign(
             report.peak_memory = max(report.peak_memory, peak)
             if peak > MEMORY_LIMIT and problem is None:
                 outcome, problem = "CRASH memory", f"traced peak {peak} bytes"
-        if _fds() != fds and problem is None:
-            outcome, problem = "CRASH fd leak", f"fds {sorted(_fds() ^ fds)}"
+        if FdLeakCheck.snapshot() != fds and problem is None:
+            outcome, problem = "CRASH fd leak", f"fds {sorted(FdLeakCheck.snapshot() ^ fds)}"
         report.inputs += 1
         report.outcomes[outcome] += 1
         if problem is not None:

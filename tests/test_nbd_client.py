@@ -19,6 +19,7 @@ import anyio.lowlevel
 import pytest
 from nbd_peers import mutate, recorded_session_parts
 
+from tests.harness import FdLeakCheck
 from vma_async import NbdCommandError, NbdError, NbdOptionError, NbdProtocolError
 from vma_async import _nbd_proto as proto
 from vma_async._nbd_client import NbdClient, StreamReceiver, list_nbd_exports
@@ -31,10 +32,6 @@ requires_qemu_nbd = pytest.mark.skipif(
 )
 
 IMAGE_SIZE = 3 * 1024 * 1024 + 7 * 512  # odd: not a multiple of 64 KiB or 4 KiB
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def start_qemu_nbd(image: Path, sock: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -192,7 +189,7 @@ async def test_cancelling_one_request_keeps_the_others_and_leaks_nothing(
 ) -> None:
     path, data = image
     address = qemu_server(path, "-r")
-    before = open_fds()
+    before = FdLeakCheck.snapshot()
     client = await NbdClient.connect(address, "disk")
     results: dict[int, bytes] = {}
 
@@ -220,7 +217,7 @@ async def test_cancelling_one_request_keeps_the_others_and_leaks_nothing(
     await client.aclose()
     with pytest.raises(NbdError, match="closed"):
         await client.read(0, 1)
-    assert open_fds() == before
+    FdLeakCheck().assert_same(before)
 
 
 async def test_connecting_to_nothing_is_an_nbd_error(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import anyio.abc
 import pytest
 from nbd_peers import DISK, mutate, recorded_session
 
+from tests.harness import FdLeakCheck
 from vma_async import (
     NbdClient,
     NbdCommandError,
@@ -85,10 +86,6 @@ async def read_failing(client: NbdClient, offset: int, errors: list[BaseExceptio
         await client.read(offset, 10)
     except NbdError as error:
         errors.append(error)
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 @asynccontextmanager
@@ -253,7 +250,7 @@ async def test_cancelling_serve_nbd_closes_everything(tmp_path: Path) -> None:
     disk.gate = anyio.Event()  # never set: a read that never finishes
     disk.gated_offset = 4096
     sock = tmp_path / "s.sock"
-    before = open_fds()
+    before = FdLeakCheck.snapshot()
     tasks_before = len(anyio.get_running_tasks())
     caught: list[BaseException] = []
     async with anyio.create_task_group() as outer:
@@ -276,7 +273,7 @@ async def test_cancelling_serve_nbd_closes_everything(tmp_path: Path) -> None:
         await idle.read(0, 1)
     await client.aclose()
     await idle.aclose()
-    assert open_fds() == before
+    FdLeakCheck().assert_same(before)
 
 
 async def test_a_graceful_stop_answers_what_is_in_flight_then_closes(tmp_path: Path) -> None:

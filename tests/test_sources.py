@@ -18,6 +18,7 @@ import anyio.abc
 import pytest
 import vma_builder as vb
 
+from tests.harness import FdLeakCheck
 from vma_async import BadMagicError, CallbackSink, SourceError, VmaReader, _sources
 from vma_async._sources import ArchiveSource, open_source
 
@@ -28,10 +29,6 @@ ARCHIVE = vb.archive([vb.Device("disk0", IMAGE)], [("qemu-server.conf", b"cores:
 
 
 # --- helpers shared with test_compression.py -----------------------------------------------------
-
-
-def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 def children() -> set[int]:
@@ -46,9 +43,9 @@ def children() -> set[int]:
 @contextlib.contextmanager
 def leaves_nothing() -> Iterator[None]:
     """No fd and no child process outlives the block."""
-    fds, kids = open_fds(), children()
+    fds, kids = FdLeakCheck.snapshot(), children()
     yield
-    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds}
+    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in FdLeakCheck.snapshot() - fds}
     assert not leaked
     assert children() - kids == set()
 

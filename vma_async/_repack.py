@@ -46,7 +46,6 @@ __all__ = ["REPACK_CHUNK", "copy_device_in_order", "repack_archive"]
 REPACK_CHUNK = 64 * CLUSTER_SIZE
 """4 MiB per random-access read: one worker-thread hop per 64 clusters."""
 
-_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
 
 StrPath = str | os.PathLike[str]
 
@@ -103,9 +102,9 @@ async def repack_archive(
 async def copy_device_in_order(view: DeviceView, writer: VmaWriter, dev_id: int) -> None:
     """Write every cluster of ``view`` to stream ``dev_id``, in ascending order.
 
-    The next chunk is read (in a worker thread) while this one is packed.
-    An all-zero cluster goes to the writer as ``None`` (stored as no data,
-    exactly what the writer makes of zeros anyway, without scanning them).
+    The next chunk is read (in a worker thread) while this one is packed;
+    each chunk goes to the writer in one :meth:`VmaWriter.write_clusters`
+    call, which finds the zero clusters and blocks itself.
     """
     size = view.size
     send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](1)
@@ -119,15 +118,7 @@ async def copy_device_in_order(view: DeviceView, writer: VmaWriter, dev_id: int)
         tg.start_soon(read_ahead)
         async with receive:
             async for offset, data in receive:
-                first = offset // CLUSTER_SIZE
-                for index, start in enumerate(range(0, len(data), CLUSTER_SIZE)):
-                    end = min(start + CLUSTER_SIZE, len(data))
-                    if end - start == CLUSTER_SIZE:
-                        zero = data.startswith(_ZERO_CLUSTER, start)
-                    else:
-                        zero = data[start:end] == _ZERO_CLUSTER[: end - start]
-                    chunk = None if zero else memoryview(data)[start:end]
-                    await writer.write(dev_id, first + index, chunk)
+                await writer.write_clusters(dev_id, offset // CLUSTER_SIZE, data)
 
 
 class _ClusterFeeder(Sink):

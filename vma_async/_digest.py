@@ -58,7 +58,7 @@ import anyio.to_thread
 
 from ._errors import DigestError, DigestMismatchError
 from ._fdio import Buffer, create_exclusive, remove_created, write_all
-from ._format import CLUSTER_SIZE, ArchiveHeader, DeviceInfo
+from ._format import CLUSTER_SIZE, ZERO_CLUSTER, ArchiveHeader, DeviceInfo
 from ._parser import ReadSummary
 from ._progress import ProgressCallback
 from ._reader import VmaReader
@@ -92,7 +92,6 @@ def cluster_digest(data: Buffer) -> bytes:
 
 
 _ZERO_DIGESTS: dict[int, bytes] = {}
-_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
 _IN_FLIGHT = 4
 """Hashing jobs (two per chunk) a device may have queued before ``update`` waits."""
 
@@ -156,7 +155,7 @@ class DeviceDigest:
             cluster = view[start : start + CLUSTER_SIZE]
             if has_data is not None and not has_data[index]:
                 digest = _zero_digest(len(cluster))
-            elif flat is not None and flat.startswith(_ZERO_CLUSTER, start):
+            elif flat is not None and flat.startswith(ZERO_CLUSTER, start):
                 digest = _zero_digest(CLUSTER_SIZE)  # zeros: a memcmp instead of a hash
             else:
                 digest = cluster_digest(cluster)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Sequence
 from typing import Final
 
@@ -26,6 +27,7 @@ __all__ = [
     "CREATE_FLAGS",
     "ZERO_CHUNK",
     "create_exclusive",
+    "open_for_reading",
     "pwrite_all",
     "remove_created",
     "write_all",
@@ -105,3 +107,22 @@ def remove_created(dir_fd: int | None, name: str | os.PathLike[str]) -> None:
     """Undo :func:`create_exclusive`: unlink ``name``; already gone is fine."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=dir_fd)
+
+
+def open_for_reading(path: str) -> tuple[int, int]:
+    """Open ``path`` to read (blocking: run it in a worker thread); return
+    the fd and its mode.
+
+    ``O_NONBLOCK`` makes the open of a FIFO return at once, writer or not (an
+    archive or a restore map that arrives through a FIFO); it is cleared
+    again on regular files and block devices, which are read in threads.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mode

@@ -30,6 +30,7 @@ import anyio
 import anyio.to_thread
 
 from ._errors import RestoreMapError
+from ._fdio import open_for_reading
 from ._qemu import QEMU_FORMATS
 
 __all__ = [
@@ -183,7 +184,8 @@ async def read_restore_map(path: str | os.PathLike[str]) -> dict[str, RestoreMap
     """
     name = os.fspath(path)
     try:
-        fd, regular = await anyio.to_thread.run_sync(_open_map, name)
+        fd, mode = await anyio.to_thread.run_sync(open_for_reading, name)
+        regular = stat.S_ISREG(mode)
     except OSError as exc:
         raise RestoreMapError(f"unable to open fifo {name} - {exc.strerror}") from exc
     try:
@@ -199,15 +201,6 @@ async def read_restore_map(path: str | os.PathLike[str]) -> dict[str, RestoreMap
         os.close(fd)
     text = data.decode("utf-8", "surrogateescape")
     return parse_restore_map(text.splitlines(keepends=True))
-
-
-def _open_map(name: str) -> tuple[int, bool]:
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        return fd, stat.S_ISREG(os.fstat(fd).st_mode)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _read_all(fd: int) -> bytes:

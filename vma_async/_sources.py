@@ -47,6 +47,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ._errors import SourceError
+from ._fdio import open_for_reading
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 """Linux 4.14+: a read that must not wait for the disk (0 elsewhere: then
@@ -449,23 +450,6 @@ class _Pushback(ArchiveSource):
 # --- opening -------------------------------------------------------------------------------------
 
 
-def _open_path(path: str) -> tuple[int, int]:
-    """Open ``path`` (blocking: runs in a worker thread); return fd and mode.
-
-    ``O_NONBLOCK`` makes the open of a FIFO return at once, writer or not;
-    it is cleared again on regular files and block devices.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, mode
-
-
 def _source_for_fd(fd: int, mode: int, *, closefd: bool) -> ArchiveSource:
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
         return _FileSource(fd, closefd=closefd)
@@ -491,7 +475,7 @@ async def _open_raw(source: SourceLike | ArchiveSource, closefd: bool) -> Archiv
             raise SourceError(f"can't open file {source} - {exc.strerror}") from exc
     path = os.fspath(source)
     try:
-        fd, mode = await anyio.to_thread.run_sync(_open_path, path)
+        fd, mode = await anyio.to_thread.run_sync(open_for_reading, path)
     except OSError as exc:
         raise SourceError(f"can't open file {path} - {exc.strerror}") from exc
     try:

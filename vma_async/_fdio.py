@@ -22,6 +22,9 @@ import stat
 from collections.abc import Sequence
 from typing import Final
 
+import anyio
+import anyio.lowlevel
+
 __all__ = [
     "Buffer",
     "CREATE_FLAGS",
@@ -31,6 +34,7 @@ __all__ = [
     "pwrite_all",
     "remove_created",
     "write_all",
+    "write_all_nonblocking",
     "write_zeroes",
     "zero_view",
 ]
@@ -126,3 +130,19 @@ def open_for_reading(path: str) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, mode
+
+
+async def write_all_nonblocking(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to a non-blocking pipe, FIFO or socket, awaiting
+    writability (on the event loop) when it is full; always a checkpoint."""
+    waited = False
+    while data:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            waited = True
+            await anyio.wait_writable(fd)
+            continue
+        data = data[written:]
+    if not waited:
+        await anyio.lowlevel.checkpoint()

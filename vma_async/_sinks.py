@@ -53,6 +53,7 @@ from ._fdio import (
     pwrite_all,
     remove_created,
     write_all,
+    write_all_nonblocking,
     write_zeroes,
     zero_view,
 )
@@ -339,13 +340,7 @@ class SequentialSink(_FdSink):
             if not self._is_pipe:
                 await anyio.to_thread.run_sync(write_all, fd, view)
             else:
-                while view:
-                    try:
-                        written = os.write(fd, view)
-                    except BlockingIOError:
-                        await anyio.wait_writable(fd)
-                        continue
-                    view = view[written:]
+                await write_all_nonblocking(fd, view)
         except OSError as exc:
             raise SinkError(f"write vmstate failed - {exc.strerror}") from exc
         self._next += len(data)

@@ -32,7 +32,7 @@ import anyio
 import anyio.lowlevel
 
 from ._errors import CommandFailedError, TargetError, TargetExistsError
-from ._fdio import create_exclusive, remove_created, write_all
+from ._fdio import create_exclusive, remove_created, write_all, write_all_nonblocking
 
 EXEC_PREFIX = "exec:"
 _FIFO_RETRY_MAX_DELAY = 0.05
@@ -90,21 +90,6 @@ def _is_pollable(mode: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-async def _write_nonblocking(fd: int, data: memoryview) -> None:
-    """Write all of ``data`` to a non-blocking fd, awaiting writability when full."""
-    waited = False
-    while data:
-        try:
-            written = os.write(fd, data)
-        except BlockingIOError:
-            waited = True
-            await anyio.wait_writable(fd)
-            continue
-        data = data[written:]
-    if not waited:
-        await anyio.lowlevel.checkpoint()
-
-
 class _FdTarget(Target):
     """Shared by every target that ends in one fd: chooses thread or poll writes."""
 
@@ -115,7 +100,7 @@ class _FdTarget(Target):
     async def write(self, data: memoryview) -> None:
         try:
             if self._pollable:
-                await _write_nonblocking(self._fd, data)
+                await write_all_nonblocking(self._fd, data)
             else:
                 await anyio.to_thread.run_sync(self._write_file, data)
         except OSError as exc:
@@ -391,7 +376,7 @@ class CommandTarget(_FdTarget):
 
     async def write(self, data: memoryview) -> None:
         try:
-            await _write_nonblocking(self._fd, data)
+            await write_all_nonblocking(self._fd, data)
         except BrokenPipeError as exc:
             # The command stopped reading; its exit status says more than EPIPE.
             with anyio.move_on_after(self.kill_after):

@@ -3,6 +3,7 @@ throttling (``_sink_wrappers``) and restore-map input (``_restore_map``)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 from vma_async import (
     CLUSTER_SIZE,
+    DigestRecorder,
     FormatError,
     InvalidStreamError,
     Progress,
@@ -103,6 +105,83 @@ async def test_read_chunk_at_an_offset(tmp_path: Path) -> None:
         image.close()
     assert bytes(buf) == expected[4 * CLUSTER_SIZE : 8 * CLUSTER_SIZE]
     assert has_data == [False, True, False, False]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("zero_holes", [True, False])
+async def test_read_chunk_into_a_used_buffer_clears_what_it_did_not_read(
+    tmp_path: Path, zero_holes: bool
+) -> None:
+    """The backup reuses its read buffers (issue 10): stale bytes must never
+    show through a hole.  Every unread byte is cleared for the digest
+    (``zero_holes``); otherwise at least those of the clusters with data,
+    the only ones the writer looks at."""
+    path = tmp_path / "sparse.raw"
+    expected = _sparse_image(path)
+    used = bytearray(b"\xee" * (len(expected) + CLUSTER_SIZE))
+    image = await open_image(path)
+    try:
+        buf, has_data, _ = _read_chunk(
+            image.fd, 0, image.size, image.size, used, zero_holes=zero_holes
+        )
+    finally:
+        image.close()
+    assert buf is used
+    for index, flag in enumerate(has_data):
+        cluster = slice(index * CLUSTER_SIZE, (index + 1) * CLUSTER_SIZE)
+        if flag or zero_holes:
+            assert bytes(buf[cluster]) == expected[cluster], index
+    assert has_data.count(True) == 3
+
+
+def _ring_image(path: Path) -> bytes:
+    """Ten 4 MiB chunks and a short one: dense random chunks first, then
+    sparse ones with one 4 KiB block of data in every seventh cluster, at
+    varying places.  Returns the expected content."""
+    chunk = 4 << 20
+    size = 10 * chunk + 3 * 4096
+    expected = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for n in range(5):
+            data = os.urandom(chunk)
+            expected[n * chunk : (n + 1) * chunk] = data
+            f.seek(n * chunk)
+            f.write(data)
+        for n in range(5, 10):
+            for cluster in range(n * 64, (n + 1) * 64, 7):
+                at = cluster * CLUSTER_SIZE + (cluster % 16) * 4096
+                expected[at : at + 4096] = b"\x5a" * 4096
+                f.seek(at)
+                f.write(b"\x5a" * 4096)
+        f.seek(size - 4096)
+        f.write(b"\x77" * 4096)
+        expected[size - 4096 :] = b"\x77" * 4096
+    return bytes(expected)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_digest", [False, True])
+async def test_reused_read_buffers_never_leak_into_the_archive(
+    tmp_path: Path, with_digest: bool
+) -> None:
+    """Many chunks through the ring of read buffers: dense random chunks
+    first, then sparse ones whose holes fall inside clusters with data, so
+    a buffer that was not cleared would restore stale random bytes."""
+    disk = tmp_path / "disk.raw"
+    expected = _ring_image(disk)
+    recorder = DigestRecorder() if with_digest else None
+    await create_archive(tmp_path / "a.vma", [("drive-scsi0", disk)], digest=recorder)
+    await extract_archive(tmp_path / "a.vma", tmp_path / "out")
+    assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == expected
+    if recorder is not None:
+        [device] = recorder.devices.values()
+        device.finish()
+        assert device.sha256() == hashlib.sha256(expected).hexdigest()
+        table = device.table()
+        for index in range(0, len(expected) // CLUSTER_SIZE + 1):
+            cluster = expected[index * CLUSTER_SIZE : (index + 1) * CLUSTER_SIZE]
+            assert table[index * 16 : index * 16 + 16] == hashlib.sha256(cluster).digest()[:16]
 
 
 @pytest.mark.anyio
@@ -386,7 +465,7 @@ async def test_a_read_error_is_a_source_error_naming_the_image(
     path = tmp_path / "disk.raw"
     path.write_bytes(b"x" * CLUSTER_SIZE)
 
-    def failing_read(fd: int, offset: int, length: int, file_end: int) -> None:
+    def failing_read(*args: object, **kwargs: object) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(backup_module, "_read_chunk", failing_read)

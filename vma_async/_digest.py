@@ -68,12 +68,14 @@ __all__ = [
     "CLUSTER_DIGEST_SIZE",
     "DIGEST_SUFFIX",
     "DeviceDigest",
+    "DigestPending",
     "DigestRecorder",
     "DigestSink",
     "SidecarDigest",
     "read_digest_file",
     "digest_path",
     "verify_with_digest",
+    "wait_digest",
     "write_digest_file",
 ]
 
@@ -89,6 +91,17 @@ StrPath = str | os.PathLike[str]
 def cluster_digest(data: Buffer) -> bytes:
     """The truncated SHA-256 of one cluster's bytes."""
     return hashlib.sha256(data).digest()[:CLUSTER_DIGEST_SIZE]
+
+
+DigestPending = tuple[Future[None], ...]
+"""The hashing jobs still reading a chunk that :meth:`DeviceDigest.update` was given."""
+
+
+def wait_digest(pending: DigestPending) -> None:
+    """Block until the hashing of a chunk is done (its buffer may then be
+    reused); a failed job raises here too."""
+    for job in pending:
+        job.result()
 
 
 _ZERO_DIGESTS: dict[int, bytes] = {}
@@ -129,11 +142,15 @@ class DeviceDigest:
         self._cluster_thread = ThreadPoolExecutor(1, thread_name_prefix=f"digest-{name}")
         self._in_flight: deque[Future[None]] = deque()
 
-    def update(self, offset: int, data: Buffer, has_data: Sequence[bool] | None = None) -> None:
+    def update(
+        self, offset: int, data: Buffer, has_data: Sequence[bool] | None = None
+    ) -> DigestPending:
         """Feed ``data`` found at ``offset`` (cluster-aligned, right after the
         previous call's data).  ``has_data[i]`` False says cluster ``i`` of the
-        chunk is a hole.  The caller must not change ``data`` afterwards.
-        Blocking (when hashing is behind): call it from a worker thread."""
+        chunk is a hole.  The caller must not change ``data`` until the
+        returned hashing jobs are done (:func:`wait_digest`): the backup
+        reuses its read buffers.  Blocking (when hashing is behind): call it
+        from a worker thread."""
         if offset != self._fed or offset % CLUSTER_SIZE:
             raise ValueError(f"digest of {self.name}: data at {offset}, expected {self._fed}")
         if offset + len(data) > self.size:
@@ -141,10 +158,12 @@ class DeviceDigest:
         self._fed += len(data)
         while len(self._in_flight) >= _IN_FLIGHT:
             self._in_flight.popleft().result()
-        self._in_flight.append(self._sha_thread.submit(self._sha256.update, data))
-        self._in_flight.append(
-            self._cluster_thread.submit(self._hash_clusters, offset, data, has_data)
+        jobs = (
+            self._sha_thread.submit(self._sha256.update, data),
+            self._cluster_thread.submit(self._hash_clusters, offset, data, has_data),
         )
+        self._in_flight.extend(jobs)
+        return jobs
 
     def _hash_clusters(self, offset: int, data: Buffer, has_data: Sequence[bool] | None) -> None:
         view = memoryview(data)

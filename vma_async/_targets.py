@@ -27,6 +27,7 @@ import os
 import signal
 import stat
 import subprocess
+from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
@@ -73,6 +74,14 @@ class Target(abc.ABC):
         """
         await self.write(memoryview(buffer)[start:end])
 
+    def blocking_writer(self) -> Callable[[mmap.mmap, int, int], None] | None:
+        """A blocking twin of :meth:`write_aligned` for a target whose writes
+        are blocking system calls (a regular file), or None.  The writer then
+        calls it from a thread of its own, extent after extent, instead of
+        one ``to_thread`` hop per extent (see ``_output_thread``); only after
+        :meth:`open`, and never at the same time as the async methods."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish successfully: release the destination, report what failed."""
@@ -108,6 +117,15 @@ class _FdTarget(Target):
 
     def _write_file(self, data: memoryview) -> None:
         write_all(self._fd, data)
+
+    def blocking_writer(self) -> Callable[[mmap.mmap, int, int], None] | None:
+        return None if self._pollable else self._write_blocking
+
+    def _write_blocking(self, buffer: mmap.mmap, start: int, end: int) -> None:
+        try:
+            self._write_file(memoryview(buffer)[start:end])
+        except OSError as exc:
+            raise _write_error(exc) from exc
 
     def _close_fd(self) -> None:
         """Close our fd; waiters (none, if the writer is right) are told first."""
@@ -205,6 +223,16 @@ class NewFileTarget(_FdTarget):
             return
         try:
             await anyio.to_thread.run_sync(self._write_direct, buffer, head, end)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+
+    def _write_blocking(self, buffer: mmap.mmap, start: int, end: int) -> None:
+        head = start - self._carry_len
+        if not self.direct or head < 0 or head % ALIGNMENT:
+            super()._write_blocking(buffer, start, end)
+            return
+        try:
+            self._write_direct(buffer, head, end)
         except OSError as exc:
             raise _write_error(exc) from exc
 

@@ -61,6 +61,7 @@ from ._compress import CompressingTarget
 from ._errors import VmaError, WriterAbortedError
 from ._format import CLUSTER_SIZE
 from ._opening import AsyncResource, Opening
+from ._output_thread import OutputThread
 from ._targets import ALIGNMENT, Target, TargetLike, resolve_target
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
@@ -164,6 +165,8 @@ class VmaWriter(AsyncResource):
         self._output_scope = anyio.CancelScope()
         self._aborted: anyio.Event | None = None
         self._finished = False
+        self._output_thread: OutputThread | None = None
+        """For a blocking target: writes each extent once sealed (see _output_thread)."""
 
     @classmethod
     def open(
@@ -207,6 +210,9 @@ class VmaWriter(AsyncResource):
         try:
             await self._target.open()
             await anyio.to_thread.run_sync(self._prefault)
+            blocking_write = self._target.blocking_writer()
+            if blocking_write is not None:
+                self._output_thread = OutputThread(blocking_write)
         except BaseException as exc:
             await self._fail(exc)
             raise
@@ -368,6 +374,7 @@ class VmaWriter(AsyncResource):
                     await self._seal_for_flush()
                 self._assembler.check_close()
             await self._drain()
+            await self._stop_output_thread()
             await self._target.close()
         except BaseException as exc:
             await self._fail(exc)
@@ -400,7 +407,10 @@ class VmaWriter(AsyncResource):
                 if self._drain_scope is not None:
                     self._drain_scope.cancel()
                 async with self._output_lock:
-                    await self._target.abort()
+                    try:
+                        await self._stop_output_thread()
+                    finally:
+                        await self._target.abort()
             finally:
                 self._assembler.mark_closed()
                 self._release_buffers()
@@ -459,6 +469,8 @@ class VmaWriter(AsyncResource):
         self._sealed_bytes += length
         self._archive_bytes += length
         self._account()
+        if self._output_thread is not None:
+            self._output_thread.submit(buffer, start, start + length)
         self._work.set()
 
     async def _ensure_header(self) -> bool:
@@ -506,8 +518,9 @@ class VmaWriter(AsyncResource):
         self._seal_current()
 
     async def _hand_off(self) -> None:
-        """After sealing: let the output task run, or be the output ourselves."""
-        if self._task_group is not None:
+        """After sealing: let the output task run, or be the output ourselves
+        (the output thread, when there is one, has the extent already)."""
+        if self._task_group is not None or self._output_thread is not None:
             # A scheduling point only: the cluster is queued, so this must
             # not raise a cancellation the caller would misread.
             await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -526,12 +539,41 @@ class VmaWriter(AsyncResource):
             async with self._output_lock:
                 self._assembler.raise_if_failed()
                 writing = True
-                await self._write_sealed()
+                if self._output_thread is not None:
+                    await self._collect_written(self._output_thread)
+                else:
+                    await self._write_sealed()
                 writing = False
         except BaseException as exc:
-            if writing:  # the output holds part of an extent: nothing can follow
+            # The output holds part of an extent: nothing can follow.  (Only
+            # collecting from the output thread is harmless to cancel.)
+            if writing and not (
+                self._output_thread is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+            ):
                 await self._fail(exc)
             raise
+
+    async def _collect_written(self, output: OutputThread) -> None:
+        """Wait for the output thread to write everything sealed (it has it
+        all already), returning each buffer to the pool as it is written."""
+        with anyio.CancelScope() as scope:
+            self._drain_scope = scope
+            try:
+                while self._sealed:
+                    for _ in range(await output.collect()):
+                        self._written(self._sealed.popleft())
+            finally:
+                self._drain_scope = None
+        if scope.cancelled_caught:
+            self._assembler.raise_if_failed()
+
+    def _written(self, sealed: tuple[mmap.mmap, int, int]) -> None:
+        buffer, _, length = sealed
+        self._sealed_bytes -= length
+        self._free.append(buffer)
+        self.stats.extents_written += 1
+        self.stats.bytes_written += length
+        self._account()
 
     async def _write_sealed(self) -> None:
         with anyio.CancelScope() as scope:
@@ -540,12 +582,7 @@ class VmaWriter(AsyncResource):
                 while self._sealed:
                     buffer, start, length = self._sealed[0]
                     await self._target.write_aligned(buffer, start, start + length)
-                    self._sealed.popleft()
-                    self._sealed_bytes -= length
-                    self._free.append(buffer)
-                    self.stats.extents_written += 1
-                    self.stats.bytes_written += length
-                    self._account()
+                    self._written(self._sealed.popleft())
             finally:
                 self._drain_scope = None
         if scope.cancelled_caught:
@@ -563,6 +600,14 @@ class VmaWriter(AsyncResource):
                     await self._drain()
                 except Exception:
                     return  # _drain has made it sticky and aborted
+
+    async def _stop_output_thread(self) -> None:
+        """Stop the output thread (skipping what it has not started) before
+        anything closes the target's fd under it."""
+        output, self._output_thread = self._output_thread, None
+        if output is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(output.stop)
 
     def _release_buffers(self) -> None:
         buffers = [*self._free, *(b for b, _, _ in self._sealed)]

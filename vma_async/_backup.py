@@ -28,19 +28,23 @@ import stat
 import time
 import uuid as uuid_mod
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 
 from ._assembler import WriterStatus
-from ._digest import DeviceDigest, DigestPending, DigestRecorder, wait_digest
 from ._errors import DuplicateDeviceNameError, InvalidStreamError, SourceError
 from ._format import CLUSTER_SIZE
+from ._opening import unwrap_group
 from ._progress import DeviceProgress, Progress, ProgressCallback, report_progress
 from ._qemu import QemuImage, probe_file_format
-from ._reader import _unwrap_group
 from ._writer import VmaWriter
+
+if TYPE_CHECKING:  # the digest code (and the reader it uses) only with --digest
+    from ._digest import DeviceDigest, DigestRecorder
 
 __all__ = [
     "READ_CHUNK",
@@ -360,12 +364,12 @@ async def _backup_stream(
         # the digest still has to finish on it before the next read.
         depth = 3 if digest is None else 4
         free_send, free_receive = anyio.create_memory_object_stream[
-            tuple[bytearray, DigestPending]
+            tuple[bytearray, tuple[Future[None], ...]]
         ](depth)
         for _ in range(depth):
             free_send.send_nowait((bytearray(READ_CHUNK), ()))
         send, receive = anyio.create_memory_object_stream[
-            tuple[int, _Chunk, bytearray, DigestPending]
+            tuple[int, _Chunk, bytearray, tuple[Future[None], ...]]
         ](1)
 
         async def read_ahead() -> None:
@@ -373,8 +377,8 @@ async def _backup_stream(
                 for offset in range(0, size, READ_CHUNK):
                     length = min(READ_CHUNK, size - offset)
                     ring_buf, pending = await free_receive.receive()
-                    if pending:
-                        await anyio.to_thread.run_sync(wait_digest, pending)
+                    if digest is not None and pending:
+                        await anyio.to_thread.run_sync(digest.wait, pending)
                     try:
                         chunk = await opened.read_chunk(
                             offset,
@@ -406,7 +410,7 @@ async def _backup_stream(
                         await tracker.report()
         await writer.close_stream(dev_id)
     except BaseExceptionGroup as group:
-        raise _unwrap_group(group) from None
+        raise unwrap_group(group) from None
     finally:
         if opened is not image:
             with anyio.CancelScope(shield=True):
@@ -494,7 +498,7 @@ async def create_archive(
                 await tracker.report()
         return writer.status()
     except BaseExceptionGroup as group:
-        raise _unwrap_group(group) from None
+        raise unwrap_group(group) from None
     finally:
         with anyio.CancelScope(shield=True):
             for _, image in images:

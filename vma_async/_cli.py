@@ -871,13 +871,17 @@ def create_devices(
 async def cmd_create(opts: Options) -> int:
     import anyio
 
-    from . import DigestRecorder, VmaReader, create_archive, digest_path, write_digest_file
+    from . import create_archive
 
     archive, *paths = opts.args
     target = _archive_target(archive)
-    recorder = DigestRecorder() if opts.digest else None
-    if recorder is not None and await anyio.Path(digest_path(archive)).exists():
-        raise VmaError(f"digest file {digest_path(archive)} already exists")
+    recorder = None
+    if opts.digest:  # the digest code is imported only when asked for (start-up)
+        from . import DigestRecorder, digest_path
+
+        if await anyio.Path(digest_path(archive)).exists():
+            raise VmaError(f"digest file {digest_path(archive)} already exists")
+        recorder = DigestRecorder()
     configs = []
     for name in opts.configs:
         try:
@@ -931,10 +935,10 @@ async def cmd_create(opts: Options) -> int:
             raise VmaError(f"creating vma archive failed - {exc}") from exc
         raise
     if recorder is not None:
-        async with VmaReader.open(archive) as reader:
-            archive_uuid = reader.header.uuid
+        from . import digest_path, write_digest_file
+
         await write_digest_file(
-            digest_path(archive), recorder, archive_uuid, [name for name, *_ in devices]
+            digest_path(archive), recorder, status.uuid, [name for name, *_ in devices]
         )
     if bar is not None:
         bar.finish(sum(s.size for s in status.streams))

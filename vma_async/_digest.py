@@ -75,7 +75,6 @@ __all__ = [
     "read_digest_file",
     "digest_path",
     "verify_with_digest",
-    "wait_digest",
     "write_digest_file",
 ]
 
@@ -95,13 +94,6 @@ def cluster_digest(data: Buffer) -> bytes:
 
 DigestPending = tuple[Future[None], ...]
 """The hashing jobs still reading a chunk that :meth:`DeviceDigest.update` was given."""
-
-
-def wait_digest(pending: DigestPending) -> None:
-    """Block until the hashing of a chunk is done (its buffer may then be
-    reused); a failed job raises here too."""
-    for job in pending:
-        job.result()
 
 
 _ZERO_DIGESTS: dict[int, bytes] = {}
@@ -148,7 +140,7 @@ class DeviceDigest:
         """Feed ``data`` found at ``offset`` (cluster-aligned, right after the
         previous call's data).  ``has_data[i]`` False says cluster ``i`` of the
         chunk is a hole.  The caller must not change ``data`` until the
-        returned hashing jobs are done (:func:`wait_digest`): the backup
+        returned hashing jobs are done (:meth:`wait`): the backup
         reuses its read buffers.  Blocking (when hashing is behind): call it
         from a worker thread."""
         if offset != self._fed or offset % CLUSTER_SIZE:
@@ -180,6 +172,13 @@ class DeviceDigest:
                 digest = cluster_digest(cluster)
             at = (first + index) * CLUSTER_DIGEST_SIZE
             self._table[at : at + CLUSTER_DIGEST_SIZE] = digest
+
+    @staticmethod
+    def wait(pending: DigestPending) -> None:
+        """Block until the hashing of a chunk :meth:`update` returned is done
+        (its buffer may then be reused); a failed job raises here too."""
+        for job in pending:
+            job.result()
 
     def finish(self) -> None:
         """Wait for the hashing (blocking) and stop the threads."""

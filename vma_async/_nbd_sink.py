@@ -32,8 +32,8 @@ import anyio.to_thread
 from ._errors import DeviceSizeError, NbdError, QemuError, SinkError, SinkExistsError
 from ._fdio import Buffer, create_exclusive, remove_created
 from ._format import DeviceInfo
+from ._opening import unwrap_group
 from ._qemu import QemuImage, check_format, qemu_img_create
-from ._reader import _unwrap_group
 from ._sinks import SIZE_TOLERANCE, Sink
 
 __all__ = ["NbdSink"]
@@ -127,7 +127,7 @@ class NbdSink(Sink):
                 for offset, data in writes:
                     tg.start_soon(self.write, offset, data)
         except BaseExceptionGroup as group:
-            raise _unwrap_group(group) from None
+            raise unwrap_group(group) from None
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         image = self._ready()

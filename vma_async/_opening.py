@@ -22,7 +22,9 @@ from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
-__all__ = ["AsyncResource", "Opening"]
+import anyio
+
+__all__ = ["AsyncResource", "Opening", "unwrap_group"]
 
 
 class AsyncResource(abc.ABC):
@@ -89,3 +91,23 @@ class Opening(Generic[R]):
         resource, self._resource = self._resource, None
         assert resource is not None
         return await resource.__aexit__(exc_type, exc, tb)
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a caller should see from a failed task group: the first that
+    is not a cancellation (a failing sink cancels the reading, not vice versa)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    cancelled = anyio.get_cancelled_exc_class()
+    for leaf in leaves:
+        if not isinstance(leaf, cancelled):
+            return leaf
+    return leaves[0] if leaves else group

@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
 import anyio.abc
@@ -47,8 +47,10 @@ import anyio.to_thread
 
 from ._errors import NbdCommandError, NbdError, QemuError, QemuMissingError
 from ._format import CLUSTER_SIZE
-from ._nbd_client import NbdClient
 from ._opening import AsyncResource, Opening
+
+if TYPE_CHECKING:
+    from ._nbd_client import NbdClient
 
 __all__ = [
     "QEMU_FORMATS",
@@ -450,6 +452,9 @@ class QemuImage(AsyncResource):
                 path, fmt, read_only=read_only, cache=cache, discard=discard
             )
             try:
+                # Imported here: raw images, most backups, never need the NBD code.
+                from ._nbd_client import NbdClient
+
                 client = await NbdClient.connect(stream, "")
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):

@@ -55,7 +55,7 @@ from ._format import (
     DeviceInfo,
     decode_extent_blockinfo,
 )
-from ._opening import AsyncResource, Opening
+from ._opening import AsyncResource, Opening, unwrap_group
 from ._parser import ArchiveParser, DeviceReadStats, ParsedExtent, ReadSummary
 from ._progress import DeviceProgress, Progress, ProgressCallback, report_progress
 from ._sinks import Sink
@@ -96,26 +96,6 @@ a plain ``dict[str, RawFileSink]`` is a ``Mapping[str, Sink]`` but not a
 
 _DeviceBatch = tuple[list[tuple[int, memoryview]], list[tuple[int, int]]]
 _Receiver = MemoryObjectReceiveStream[_DeviceBatch]
-
-
-def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error a caller should see from a failed task group: the first that
-    is not a cancellation (a failing sink cancels the reading, not vice versa)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    cancelled = anyio.get_cancelled_exc_class()
-    for leaf in leaves:
-        if not isinstance(leaf, cancelled):
-            return leaf
-    return leaves[0] if leaves else group
 
 
 _STREAM_GONE: Final = (anyio.ClosedResourceError, anyio.BrokenResourceError)
@@ -386,7 +366,7 @@ class VmaReader(AsyncResource):
         except BaseExceptionGroup as group:
             if failures:
                 raise failures[0] from None
-            raise _unwrap_group(group) from None
+            raise unwrap_group(group) from None
         assert summary is not None
         return summary
 

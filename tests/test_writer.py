@@ -566,3 +566,126 @@ async def test_open_stats_the_path_off_the_event_loop(
     await writer.aclose()
     assert threads, "os.stat was not called at all"
     assert loop_thread not in threads
+
+
+# --- the output thread (issue 10) ------------------------------------------------------------
+
+
+class _RecordingFileTarget(NewFileTarget):
+    """A new file whose blocking writes note the thread they ran on, and can
+    be held (``hold`` clear) to keep extents queued behind one in progress."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.threads: set[str] = set()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
+
+    def _write_blocking(self, buffer: Any, start: int, end: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.started.set()
+        self.hold.wait()
+        super()._write_blocking(buffer, start, end)
+
+
+def _output_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "vma-output"]
+
+
+@pytest.mark.parametrize("with_task", [True, False], ids=["async-with", "awaited"])
+async def test_a_file_is_written_by_the_output_thread_byte_for_byte(
+    tmp_path: Path, fd_leaks: FdLeakCheck, with_task: bool
+) -> None:
+    """Extents of a regular file go through the writer's own thread, whether
+    or not the writer has a background task, and the archive is the same
+    bytes as one written through a pipe (the event-loop path)."""
+    fds = fd_leaks.snapshot()
+    rng = random.Random(5)
+    images = {
+        "drive-scsi0": make_image(300 * CLUSTER + 512, "mixed", rng),
+        "drive-scsi1": make_image(130 * CLUSTER, "random", rng),
+    }
+    target = _RecordingFileTarget(tmp_path / "file.vma")
+    if with_task:
+        async with VmaWriter.open(target, uuid=UUID, ctime=CTIME) as writer:
+            await produce(writer, images, producers=1)
+    else:
+        writer = await VmaWriter.open(target, uuid=UUID, ctime=CTIME)
+        await produce(writer, images, producers=1)
+        await writer.aclose()
+    assert target.threads == {"vma-output"}
+    assert writer.stats.extents_written > 5
+    assert _output_threads() == []
+
+    read_end, write_end = os.pipe()
+    received = bytearray()
+
+    async def drain() -> None:
+        while chunk := await anyio.to_thread.run_sync(os.read, read_end, 1 << 20):
+            received.extend(chunk)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        async with VmaWriter.open(write_end, uuid=UUID, ctime=CTIME) as piped:
+            await produce(piped, images, producers=1)
+    os.close(read_end)
+    file_bytes = (tmp_path / "file.vma").read_bytes()
+    assert file_bytes == bytes(received)
+    assert_archive(file_bytes, images, {})
+    fd_leaks.assert_same(fds)
+
+
+async def test_cancelled_with_writes_queued_stops_the_output_thread(
+    tmp_path: Path, fd_leaks: FdLeakCheck
+) -> None:
+    """Cancelled while the thread is in one write with more queued behind
+    it: the abort waits for that write, skips the rest, removes the partial
+    archive, and leaves no thread and no fd (its wake-up pipe included)."""
+    fds = fd_leaks.snapshot()
+    target = _RecordingFileTarget(tmp_path / "a.vma")
+    target.hold.clear()
+    images = {"drive-scsi0": make_image(400 * CLUSTER, "random", random.Random(1))}
+    with anyio.CancelScope() as scope:
+        async with VmaWriter.open(target, uuid=UUID, ctime=CTIME) as writer:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce, writer, images)
+                await anyio.to_thread.run_sync(target.started.wait)
+                while writer.stats.producer_waits == 0:  # the pool is full: extents queued
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+                target.hold.set()
+    assert scope.cancelled_caught
+    assert writer.stats.extents_written == 0  # nothing was collected as written
+    assert not (tmp_path / "a.vma").exists()
+    assert _output_threads() == []
+    assert isinstance(writer.status().error, WriterAbortedError)
+    fd_leaks.assert_same(fds)
+
+
+async def test_a_write_error_in_the_output_thread_aborts_with_the_targets_message(
+    tmp_path: Path, fd_leaks: FdLeakCheck
+) -> None:
+    fds = fd_leaks.snapshot()
+
+    class FailingTarget(NewFileTarget):
+        writes = 0
+
+        def _write_file(self, data: memoryview) -> None:
+            raise OSError(5, "Input/output error")
+
+        def _write_direct(self, buffer: Any, head: int, end: int) -> None:
+            FailingTarget.writes += 1
+            if FailingTarget.writes == 3:
+                raise OSError(5, "Input/output error")
+            super()._write_direct(buffer, head, end)
+
+    data = make_image(400 * CLUSTER, "random", random.Random(2))
+    with pytest.raises(TargetError, match=r"^vma_queue_write: write error - Input/output error$"):
+        async with VmaWriter.open(FailingTarget(tmp_path / "a.vma"), uuid=UUID) as writer:
+            dev_id = writer.register_stream("drive-scsi0", len(data))
+            await writer.write_clusters(dev_id, 0, data)
+            await writer.close_stream(dev_id)
+    assert not (tmp_path / "a.vma").exists()
+    assert _output_threads() == []
+    fd_leaks.assert_same(fds)

@@ -647,14 +647,16 @@ async def test_cancelled_with_writes_queued_stops_the_output_thread(
     target.hold.clear()
     images = {"drive-scsi0": make_image(400 * CLUSTER, "random", random.Random(1))}
     with anyio.CancelScope() as scope:
-        async with VmaWriter.open(target, uuid=UUID, ctime=CTIME) as writer:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(produce, writer, images)
-                await anyio.to_thread.run_sync(target.started.wait)
-                while writer.stats.producer_waits == 0:  # the pool is full: extents queued
-                    await anyio.lowlevel.checkpoint()
-                scope.cancel()
-                target.hold.set()
+        async with (
+            VmaWriter.open(target, uuid=UUID, ctime=CTIME) as writer,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(produce, writer, images)
+            await anyio.to_thread.run_sync(target.started.wait)
+            while writer.stats.producer_waits == 0:  # the pool is full: extents queued
+                await anyio.lowlevel.checkpoint()
+            scope.cancel()
+            target.hold.set()
     assert scope.cancelled_caught
     assert writer.stats.extents_written == 0  # nothing was collected as written
     assert not (tmp_path / "a.vma").exists()
@@ -681,11 +683,15 @@ async def test_a_write_error_in_the_output_thread_aborts_with_the_targets_messag
             super()._write_direct(buffer, head, end)
 
     data = make_image(400 * CLUSTER, "random", random.Random(2))
-    with pytest.raises(TargetError, match=r"^vma_queue_write: write error - Input/output error$"):
+
+    async def back_up() -> None:
         async with VmaWriter.open(FailingTarget(tmp_path / "a.vma"), uuid=UUID) as writer:
             dev_id = writer.register_stream("drive-scsi0", len(data))
             await writer.write_clusters(dev_id, 0, data)
             await writer.close_stream(dev_id)
+
+    with pytest.raises(TargetError, match=r"^vma_queue_write: write error - Input/output error$"):
+        await back_up()
     assert not (tmp_path / "a.vma").exists()
     assert _output_threads() == []
     fd_leaks.assert_same(fds)

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import blake3
 import pytest
 
 from vma_async import (
@@ -225,3 +226,50 @@ async def test_vmstate_is_read_past_and_disks_checked(tmp_path: Path) -> None:
     async with await VmaReader.open(archive) as reader:
         summary = await verify_with_digest(reader, sidecar)
     assert summary.bytes_read > 0
+
+
+def test_cli_sidecar_is_version_2_blake3_and_version_1_still_verifies(tmp_path: Path) -> None:
+    """Version 2 (BLAKE3 cluster digests, issue 11's cost target) is what
+    create writes; a version 1 sidecar (truncated SHA-256) of the same
+    archive still verifies, and still catches a flipped byte."""
+    data = _image(9, 70, tail=300)
+    (tmp_path / "disk.raw").write_bytes(data)
+    archive = tmp_path / "c.vma"
+    run = subprocess.run(
+        [*VMA, "create", "--digest", str(archive), f"drive-scsi0={tmp_path / 'disk.raw'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    sidecar = Path(str(archive) + ".digest")
+    line, tables = sidecar.read_bytes().split(b"\n", 1)
+    header = json.loads(line)
+    assert (header["version"], header["cluster_digest"]) == (2, "blake3-128")
+    padded = data + bytes(-len(data) % 512)
+    clusters = [padded[at : at + CLUSTER_SIZE] for at in range(0, len(padded), CLUSTER_SIZE)]
+    assert tables == b"".join(blake3.blake3(c).digest(16) for c in clusters)
+
+    old_tables = b"".join(hashlib.sha256(c).digest()[:16] for c in clusters)
+    header.update(
+        version=1,
+        cluster_digest="sha256-128",
+        table_sha256=hashlib.sha256(old_tables).hexdigest(),
+    )
+    old = tmp_path / "old.digest"
+    old.write_bytes(json.dumps(header).encode() + b"\n" + old_tables)
+    ok = subprocess.run(
+        [*VMA, "verify", "-v", "--digest", str(old), str(archive)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"data of every disk matches {old}" in ok.stdout
+
+    header_size = int.from_bytes(archive.read_bytes()[56:60], "big")
+    _flip(archive, header_size + 512 + 4096 * 3 + 7)
+    for digest_file in (old, sidecar):
+        bad = subprocess.run(
+            [*VMA, "verify", "--digest", str(digest_file), str(archive)],
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 1
+        assert "does not match its digest" in bad.stderr

@@ -4,7 +4,10 @@ from both (issue 8 defect 1), under asyncio, uvloop and trio."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from vma_async import (
     VmaReader,
     VmstateOrderError,
 )
+from vma_async._file_reader import verify_file
 from vma_async._format import split_blockinfo
 from vma_async._walker import ExtentWalker
 
@@ -196,3 +200,56 @@ def _missing(walker: ExtentWalker) -> str:
     except MissingClusterError as exc:
         return str(exc)
     return ""
+
+
+# --- the loop-free verify of the vma command (issue 10) ------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_blocking_verify_agrees_with_the_reader(tmp_path: Path, case: str) -> None:
+    """``vma verify`` of a plain file runs before any event loop exists, on
+    the same parser: the same error class and message as ``reader.verify``."""
+    data, error, message = CASES[case]
+    path = tmp_path / "a.vma"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(error) as info:
+            verify_file(fd)
+    finally:
+        os.close(fd)
+    assert str(info.value) == message
+
+
+_NO_LOOP = """
+import sys
+from vma_async._cli import main
+status = main(["verify", sys.argv[1]])
+print("asyncio imported" if "asyncio" in sys.modules else "no event loop", status)
+"""
+
+
+@pytest.mark.parametrize("case", ["good", "missing cluster", "duplicate cluster"])
+def test_vma_verify_of_a_plain_file_needs_no_event_loop(tmp_path: Path, case: str) -> None:
+    """The command's loop-free verify prints what the event-loop path (taken
+    with ``-v``) prints on standard error, and exits the same way."""
+    if case == "good":
+        data = archive(SIZE, *FIRST_TWO, vb.Entry(1, 2, 0b11, blocks(2, 50)))
+    else:
+        data = CASES[case][0]
+    path = tmp_path / "a.vma"
+    path.write_bytes(data)
+    fast = subprocess.run(
+        [sys.executable, "-c", _NO_LOOP, str(path)], capture_output=True, text=True
+    )
+    status = 0 if case == "good" else 1
+    assert fast.stdout == f"no event loop {status}\n"
+    slow = subprocess.run(
+        [sys.executable, "-m", "vma_async", "verify", "-v", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert slow.returncode == status
+    assert fast.stderr == slow.stderr
+    if case != "good":
+        assert fast.stderr == f"vma: verify failed - {CASES[case][2]} (archive {path})\n"

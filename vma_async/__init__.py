@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from ._digest import (
         DigestRecorder,
         SidecarDigest,
-        digest_path,
         read_digest_file,
         verify_with_digest,
         write_digest_file,
     )
+    from ._digest_name import digest_path
     from ._extract import ExtractResult, extract_archive
     from ._format import (
         BLOCK_SIZE,
@@ -155,7 +155,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "CompressingTarget": "_compress",
     "DigestRecorder": "_digest",
     "SidecarDigest": "_digest",
-    "digest_path": "_digest",
+    "digest_path": "_digest_name",
     "read_digest_file": "_digest",
     "verify_with_digest": "_digest",
     "write_digest_file": "_digest",

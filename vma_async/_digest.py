@@ -62,6 +62,7 @@ import anyio
 import anyio.to_thread
 import blake3
 
+from ._digest_name import DIGEST_SUFFIX, digest_path
 from ._errors import DigestError, DigestMismatchError
 from ._fdio import Buffer, create_exclusive, remove_created, write_all
 from ._format import CLUSTER_SIZE, ZERO_CLUSTER, ArchiveHeader, DeviceInfo
@@ -84,7 +85,6 @@ __all__ = [
     "write_digest_file",
 ]
 
-DIGEST_SUFFIX = ".digest"
 CLUSTER_DIGEST_SIZE = 16
 _FORMAT = "vma-digest"
 _VERSION = 2
@@ -277,11 +277,6 @@ class DigestRecorder:
         }
         line = json.dumps(document, separators=(", ", ": "), ensure_ascii=True) + "\n"
         return line.encode("ascii") + b"".join(tables)
-
-
-def digest_path(archive: StrPath) -> str:
-    """Where the sidecar of ``archive`` lives."""
-    return os.fspath(archive) + DIGEST_SUFFIX
 
 
 def _write_exclusive(path: str, data: bytes) -> None:

@@ -47,6 +47,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._errors import SourceError, TruncatedArchiveError, UnknownDeviceError
 from ._fdio import ZERO_CHUNK, zero_view
+from ._file_reader import pull_batch
 from ._format import (
     BLOCK_SIZE,
     CLUSTER_SIZE,
@@ -186,29 +187,8 @@ class VmaReader(AsyncResource):
     def _pull_batch(self) -> tuple[list[ParsedExtent], ReadSummary | None]:
         """Read and parse up to one batch, blocking: runs in a worker thread."""
         parser, source = self._parser, self._source
-        batch: list[ParsedExtent] = []
         limit = _BATCH_BYTES if parser.keep_data else _SKIM_BATCH_BYTES
-        size = 0
-        while size < limit and len(batch) < _BATCH_EXTENTS:
-            event = parser.next_event()
-            if event is None:
-                to_skip = parser.bytes_to_skip
-                if to_skip:
-                    while to_skip:
-                        skipped = source.skip_blocking(to_skip)
-                        if not skipped:
-                            return batch, parser.end_of_input()
-                        parser.skip(skipped)
-                        to_skip -= skipped
-                    continue
-                data = source.read_blocking(parser.bytes_wanted)
-                if not data:
-                    return batch, parser.end_of_input()
-                parser.feed(data)
-            elif isinstance(event, ParsedExtent):
-                batch.append(event)
-                size += event.data_size
-        return batch, None
+        return pull_batch(parser, source.read_blocking, source.skip_blocking, limit, _BATCH_EXTENTS)
 
     async def _pull_batch_async(self) -> tuple[list[ParsedExtent], ReadSummary | None]:
         """The same for sources that are read through the event loop: one extent."""

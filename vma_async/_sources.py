@@ -32,7 +32,6 @@ cluster).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import stat
@@ -48,20 +47,12 @@ import anyio.to_thread
 
 from ._errors import SourceError
 from ._fdio import open_for_reading
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-"""Linux 4.14+: a read that must not wait for the disk (0 elsewhere: then
-``pread_cached`` simply reads, so it is only used where the flag exists)."""
+from ._file_reader import CHUNK_SIZE, FileReader
 
 __all__ = ["CHUNK_SIZE", "ArchiveSource", "Chunk", "SourceLike", "open_source"]
 
 READ_SIZE: Final = 4 << 20
 """Largest single read; the reader asks for about one extent (3.8 MiB)."""
-CHUNK_SIZE: Final = 1 << 20
-"""Read size of regular files, and the size of their recycled buffers."""
-_POOL_BUFFERS: Final = 32
-_SCRATCH_SIZE: Final = 128 << 10
-_POOL_MIN_READ: Final = 256 << 10
 PIPE_SIZE: Final = 1 << 20
 """Pipe capacity asked for (``F_SETPIPE_SZ``): fewer, larger reads."""
 MAGIC_PEEK: Final = 9
@@ -186,129 +177,35 @@ def stream_closed_error(exc: anyio.ClosedResourceError | anyio.BrokenResourceErr
 
 
 class _FileSource(ArchiveSource):
-    """A regular file (or block device), read with pread at our own position so
-    that a caller's fd offset is neither used nor disturbed.
-
-    Reads land in a pool of 1 MiB buffers that are recycled once nobody
-    holds a view of them any more (a bytearray cannot be resized while
-    exported, which is the test).  Fresh allocations of varying sizes cost
-    page faults on every read here (measured: 4x slower than recycling).
-    When the pool is exhausted (sinks holding many views), reads fall back to
-    fresh buffers rather than wait.
-    """
+    """A regular file (or block device): :class:`FileReader`'s blocking reads,
+    in worker threads (see ``_file_reader``)."""
 
     blocking = True
     seekable = True
 
     def __init__(self, fd: int, *, closefd: bool = True) -> None:
-        self._fd = fd
-        self._closefd = closefd
-        self._pos = 0
-        self._pool: list[bytearray] = []
-        self._scratch: memoryview | None = None
-        self._null_fd: int | None = None
-        self._sendfile = True
+        self._reader = FileReader(fd, closefd=closefd)
 
     async def read(self, max_bytes: int) -> bytes | memoryview:
-        return await anyio.to_thread.run_sync(self.read_blocking, max_bytes)
-
-    def _free_buffer(self) -> bytearray | None:
-        for buf in self._pool:
-            try:
-                buf.append(0)
-            except BufferError:  # a view of it is still alive somewhere
-                continue
-            del buf[-1]
-            return buf
-        if len(self._pool) < _POOL_BUFFERS:
-            buf = bytearray(CHUNK_SIZE + 1)
-            del buf[-1]  # leaves headroom, so the append test never reallocates
-            self._pool.append(buf)
-            return buf
-        return None
+        return await anyio.to_thread.run_sync(self._reader.read, max_bytes)
 
     def read_blocking(self, max_bytes: int) -> bytes | memoryview:
-        size = min(max_bytes, CHUNK_SIZE)
-        # A small read gets a buffer of its own size: a view of a few KiB
-        # must not pin a whole 1 MiB pool buffer (sparse archives are mostly
-        # small extents, and a sink may hold their views for a while).
-        buf = self._free_buffer() if size >= _POOL_MIN_READ else None
-        if buf is None:
-            data: bytes | memoryview = self.pread(self._pos, size)
-        else:
-            try:
-                count = os.preadv(self._fd, [memoryview(buf)[:size]], self._pos)
-            except OSError as exc:
-                raise SourceError(f"read failed - {exc.strerror}") from exc
-            data = memoryview(buf)[:count]
-        self._pos += len(data)
-        return data
+        return self._reader.read(max_bytes)
 
     def skip_blocking(self, max_bytes: int) -> int:
-        """Have the kernel read the bytes and drop them: ``sendfile`` to
-        /dev/null pulls every page through the page cache (so missing or
-        unreadable data is reported exactly as by a read) without copying it
-        into the process, which verify does not need.  Where sendfile is
-        refused, read into one small scratch buffer that stays in the CPU cache.
-        """
-        if self._null_fd is None:
-            self._null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        if self._sendfile:
-            try:
-                count = os.sendfile(self._null_fd, self._fd, self._pos, max_bytes)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise SourceError(f"read failed - {exc.strerror}") from exc
-                self._sendfile = False
-            else:
-                self._pos += count
-                return count
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
-        try:
-            count = os.preadv(self._fd, [self._scratch[: min(max_bytes, _SCRATCH_SIZE)]], self._pos)
-        except OSError as exc:
-            raise SourceError(f"read failed - {exc.strerror}") from exc
-        self._pos += count
-        return count
+        return self._reader.skip(max_bytes)
 
     def pread(self, offset: int, size: int) -> bytes:
-        try:
-            return os.pread(self._fd, size, offset)
-        except OSError as exc:
-            raise SourceError(f"read failed - {exc.strerror}") from exc
+        return self._reader.pread(offset, size)
 
     def pread_cached(self, offset: int, size: int) -> bytes | None:
-        # RWF_NOWAIT: the kernel copies what the page cache holds and answers
-        # EAGAIN rather than wait for the disk.  A short or refused read,
-        # a kernel or file system without the flag: the caller's thread path.
-        if not _RWF_NOWAIT:
-            return None
-        buffer = bytearray(size)
-        try:
-            got = os.preadv(self._fd, [buffer], offset, _RWF_NOWAIT)
-        except OSError:
-            return None
-        return bytes(buffer) if got == size else None
+        return self._reader.pread_cached(offset, size)
 
     def archive_size(self) -> int:
-        st = os.fstat(self._fd)
-        if stat.S_ISREG(st.st_mode):
-            return st.st_size
-        # a block device: its size is where SEEK_END lands; put the shared offset back
-        here = os.lseek(self._fd, 0, os.SEEK_CUR)
-        try:
-            return os.lseek(self._fd, 0, os.SEEK_END)
-        finally:
-            os.lseek(self._fd, here, os.SEEK_SET)
+        return self._reader.archive_size()
 
     async def aclose(self) -> None:
-        fd, self._fd = self._fd, -1
-        null_fd, self._null_fd = self._null_fd, None
-        if null_fd is not None:
-            os.close(null_fd)
-        if fd >= 0 and self._closefd:
-            os.close(fd)
+        self._reader.close()
 
 
 async def read_ready(fd: int, max_bytes: int, wait: Callable[[], Awaitable[None]]) -> bytes:

@@ -3,6 +3,7 @@ size tolerance, the sequential vmstate sink, and the callback adapter."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -227,3 +228,48 @@ async def test_sink_interface_default_hooks() -> None:
     assert sink.closed == 1
     with pytest.raises(TypeError, match="abstract"):
         Sink()  # type: ignore[abstract]
+
+
+# --- early writeback (issue 10) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", [True, False])
+async def test_file_sinks_start_writeback_per_window_and_drop_clean_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool
+) -> None:
+    """A syncing sink asks for writeback once a window of bytes is written
+    and, two windows later, drops that range (clean by then) from the page
+    cache; the bytes are all there afterwards.  Without sync it leaves the
+    page cache alone."""
+    import vma_async._sinks as sinks_module
+
+    calls: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def recording_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        calls.append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(sinks_module, "WRITEBACK_WINDOW", 1 << 20)
+    monkeypatch.setattr(sinks_module.os, "posix_fadvise", recording_fadvise)
+    piece = 256 << 10
+    size = 12 * (1 << 20)
+    expected = bytearray(size)
+    sink = RawFileSink(tmp_path / "disk.raw", size, sync=sync)
+    for n in range(0, size // piece, 2):  # every other 256 KiB: holes between
+        data = bytes([n % 251 + 1]) * piece
+        expected[n * piece : (n + 1) * piece] = data
+        await sink.write_many([(n * piece, data)])
+    await sink.flush()
+    await sink.aclose()
+    assert (tmp_path / "disk.raw").read_bytes() == expected
+    if not sync:
+        assert calls == []
+        return
+    window = 2 << 20  # 1 MiB of data is written over 2 MiB of the disk
+    starts = [(n * window, window - piece) for n in range(size // window)]
+    drops = starts[:-2]
+    assert calls == [
+        c for pair in itertools.zip_longest(starts, [None, None, *drops]) for c in pair if c
+    ]

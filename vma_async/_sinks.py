@@ -213,8 +213,7 @@ class _FileSink(_FdSink):
     most: a 2 GiB copy took 0.9 to 5.9 s of kernel time).  Overlapped, and
     recycling a few windows of pages, a 4 GiB ``vma extract`` went from
     2.8-3.4 s to 1.35-1.9 s here (the reference: 2.9-3.1 s), and a restore
-    no longer pushes the host's page
-    cache out.
+    no longer pushes the host's page cache out.
     """
 
     def __init__(

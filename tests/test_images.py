@@ -601,3 +601,30 @@ async def test_file_system_calls_run_off_the_event_loop(
     assert [(name, what) for name, what, on_loop in mine if on_loop] == []
     assert (tmp_path / "out" / "disk-d.raw").read_bytes() == disk.read_bytes()
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.anyio
+async def test_a_dense_image_is_asked_where_its_data_is_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data map remembers the run SEEK_DATA/SEEK_HOLE found: a dense
+    image of three chunks costs one pair of lseeks, not one per chunk (each
+    is a system call after which the reading thread must win the GIL back),
+    and the archive still holds every byte."""
+    disk = tmp_path / "disk.raw"
+    data = os.urandom(3 * (4 << 20) + 5 * 4096)
+    disk.write_bytes(data)
+    seeks: list[int] = []
+    real_lseek = os.lseek
+
+    def counting_lseek(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            seeks.append(how)
+        return real_lseek(fd, pos, how)
+
+    monkeypatch.setattr(backup_module.os, "lseek", counting_lseek)
+    await create_archive(tmp_path / "a.vma", [("drive-scsi0", disk)])
+    assert seeks == [os.SEEK_DATA, os.SEEK_HOLE]
+    monkeypatch.undo()
+    await extract_archive(tmp_path / "a.vma", tmp_path / "out")
+    assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == data

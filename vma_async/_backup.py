@@ -77,6 +77,7 @@ class Image:
     fd: int
     size: int
     qemu: QemuImage | None = None
+    data_map: _DataMap | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -108,9 +109,18 @@ class Image:
         :func:`_read_chunk`); qemu-nbd's replies come in buffers of their own."""
         if self.qemu is not None:
             return await self.qemu.read_chunk(offset, length)
+        if self.data_map is None:
+            self.data_map = _DataMap(self.fd)
         return await anyio.to_thread.run_sync(
             functools.partial(
-                _read_chunk, self.fd, offset, length, file_end, buf, zero_holes=zero_holes
+                _read_chunk,
+                self.fd,
+                offset,
+                length,
+                file_end,
+                buf,
+                zero_holes=zero_holes,
+                data_map=self.data_map,
             )
         )
 
@@ -167,29 +177,42 @@ async def open_any_image(path: StrPath, fmt: str | None = None) -> Image:
     return image
 
 
-def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """The ranges of [start, end) that hold data, by SEEK_DATA/SEEK_HOLE.
+class _DataMap:
+    """Where an image holds data, by ``SEEK_DATA``/``SEEK_HOLE``, remembering
+    the last run found: a dense image is one run, so after the first chunk
+    no chunk needs an ``lseek`` (each one is a system call after which the
+    reading thread must win the GIL back from the packing: issue 10)."""
 
-    A file system (or device) that cannot answer is treated as all data.
-    """
-    ranges: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole from here to the end of the file
-                break
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                ranges.append((pos, end))
-                break
-            raise
-        if data >= end:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        ranges.append((data, hole))
-        pos = hole
-    return ranges
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._run = (0, 0)  # [data, hole): known data
+
+    def ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of [start, end) that hold data.  A file system (or
+        device) that cannot answer is treated as all data."""
+        ranges: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            data, hole = self._run
+            if not data <= pos < hole:
+                try:
+                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole from here to the end
+                        break
+                    if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                        ranges.append((pos, end))
+                        break
+                    raise
+                if data >= end:
+                    break
+                hole = os.lseek(self._fd, data, os.SEEK_HOLE)
+                self._run = (data, hole)
+            else:
+                data = pos
+            ranges.append((data, min(hole, end)))
+            pos = min(hole, end)
+        return ranges
 
 
 _Chunk = tuple[bytearray, list[bool], int]
@@ -208,6 +231,7 @@ def _read_chunk(
     buf: bytearray | None = None,
     *,
     zero_holes: bool = True,
+    data_map: _DataMap | None = None,
 ) -> _Chunk:
     """Read the data (not the holes) of one chunk; say which clusters hold any.
 
@@ -230,7 +254,8 @@ def _read_chunk(
     read = 0
     done = 0  # the chunk's bytes before this are read or cleared
     gaps: list[tuple[int, int]] = []
-    for data_start, data_end in _data_ranges(fd, offset, min(offset + length, file_end)):
+    data_map = data_map if data_map is not None else _DataMap(fd)
+    for data_start, data_end in data_map.ranges(offset, min(offset + length, file_end)):
         pos = data_start
         while pos < data_end:
             got = os.preadv(fd, [view[pos - offset : data_end - offset]], pos)

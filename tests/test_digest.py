@@ -146,17 +146,22 @@ async def test_a_sidecar_of_another_archive_or_damaged_is_refused(tmp_path: Path
         await read_digest_file(tmp_path / "missing.digest")
 
 
-def test_cli_create_digest_then_verify(tmp_path: Path) -> None:
-    data = _image(5, 40, tail=100)
+def _cli_create_with_digest(tmp_path: Path, data: bytes, archive: Path) -> Path:
+    """``vma create --digest`` of one disk holding ``data``; the sidecar's path."""
     (tmp_path / "disk.raw").write_bytes(data)
-    archive = tmp_path / "b.vma"
     run = subprocess.run(
         [*VMA, "create", "--digest", str(archive), f"drive-scsi0={tmp_path / 'disk.raw'}"],
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    sidecar = Path(str(archive) + ".digest")
+    return Path(str(archive) + ".digest")
+
+
+def test_cli_create_digest_then_verify(tmp_path: Path) -> None:
+    data = _image(5, 40, tail=100)
+    archive = tmp_path / "b.vma"
+    sidecar = _cli_create_with_digest(tmp_path, data, archive)
     header = json.loads(sidecar.read_bytes().split(b"\n", 1)[0])
     padded = data + bytes(-len(data) % 512)  # the size the archive records
     assert header["devices"][0]["sha256"] == hashlib.sha256(padded).hexdigest()
@@ -233,15 +238,8 @@ def test_cli_sidecar_is_version_2_blake3_and_version_1_still_verifies(tmp_path: 
     create writes; a version 1 sidecar (truncated SHA-256) of the same
     archive still verifies, and still catches a flipped byte."""
     data = _image(9, 70, tail=300)
-    (tmp_path / "disk.raw").write_bytes(data)
     archive = tmp_path / "c.vma"
-    run = subprocess.run(
-        [*VMA, "create", "--digest", str(archive), f"drive-scsi0={tmp_path / 'disk.raw'}"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
-    sidecar = Path(str(archive) + ".digest")
+    sidecar = _cli_create_with_digest(tmp_path, data, archive)
     line, tables = sidecar.read_bytes().split(b"\n", 1)
     header = json.loads(line)
     assert (header["version"], header["cluster_digest"]) == (2, "blake3-128")

@@ -1107,22 +1107,13 @@ def plain_file_header(path: str) -> ArchiveHeader | None:
     take the normal path instead, which reads them and reports the error in
     its own words.
     """
-    from ._format import HEADER_FIXED_SIZE, VMA_MAGIC, decode_header, header_size_from_prefix
+    from ._format import HEADER_FIXED_SIZE, decode_header, header_size_from_prefix
 
-    try:
-        # stat before open: opening a FIFO would release its writer (or wait for one)
-        if path == "-" or not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError:
+    fd = _plain_archive_fd(path)
+    if fd is None:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        os.set_blocking(fd, True)
         data = os.pread(fd, HEADER_FIXED_SIZE, 0)
-        if not data.startswith(VMA_MAGIC):
-            return None
         size = header_size_from_prefix(data)
         return decode_header(data + os.pread(fd, size - len(data), len(data)))
     except (OSError, VmaError):
@@ -1143,26 +1134,16 @@ def verify_without_loop(opts: Options) -> int | None:
     checks and the messages are the same.
     """
     from ._digest_name import digest_path
-    from ._format import VMA_MAGIC
 
     path = opts.args[0]
     if opts.digest_path is not None or opts.verbose or _progress_mode(opts) != "none":
         return None
-    try:
-        # stat before open: opening a FIFO would release its writer (or wait for one)
-        if path == "-" or not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        if os.path.lexists(digest_path(path)):
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError:
+    if os.path.lexists(digest_path(path)):
+        return None
+    fd = _plain_archive_fd(path)
+    if fd is None:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        os.set_blocking(fd, True)
-        if os.pread(fd, len(VMA_MAGIC), 0) != VMA_MAGIC:
-            return None  # compressed, or not an archive: the normal path says which
         from ._file_reader import verify_file
 
         verify_file(fd)
@@ -1174,6 +1155,30 @@ def verify_without_loop(opts: Options) -> int | None:
     finally:
         os.close(fd)
     return 0
+
+
+def _plain_archive_fd(path: str) -> int | None:
+    """A blocking fd of ``path`` if it is a regular file that starts with the
+    VMA magic (an uncompressed archive), else None: the test of the
+    loop-free paths.  Standard input and FIFOs are never opened (opening a
+    FIFO would release its writer, or wait for one): stat comes first."""
+    from ._format import VMA_MAGIC
+
+    try:
+        if path == "-" or not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            if os.pread(fd, len(VMA_MAGIC), 0) == VMA_MAGIC:
+                return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _run_without_loop(

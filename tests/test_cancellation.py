@@ -120,6 +120,10 @@ class Coverage:
     cancelled: int = 0
     """Runs the cancellation stopped (the others were in shielded clean-up or
     past their last unshielded await)."""
+    spread: int = 0
+    """Most minus fewest await points of the runs not cancelled: how much
+    thread or pipe timing varies the count.  A run cancelled at a point
+    beyond its own count is not covered; every point up to the fewest is."""
 
 
 async def sweep(
@@ -133,6 +137,7 @@ async def sweep(
     coverage = Coverage()
     tasks = len(anyio.get_running_tasks())
     k = most = 0
+    fewest: int | None = None
     while True:
         fds = fd_leaks.snapshot()
         with anyio.CancelScope() as scope:
@@ -148,6 +153,7 @@ async def sweep(
         assert_no_children()
         if not counter.fired:  # a cancelled run's count includes its shielded clean-up
             most = max(most, counter.count)  # a pipe's timing may add or skip a wait
+            fewest = counter.count if fewest is None else min(fewest, counter.count)
         if k > 0:
             coverage.runs += 1
             coverage.covered += counter.fired
@@ -155,6 +161,7 @@ async def sweep(
         if k >= most:
             break
         k += 1
+    coverage.spread = most - (fewest if fewest is not None else most)
     return coverage
 
 
@@ -259,7 +266,10 @@ async def test_cancel_the_writer_at_every_point(
 
     coverage = await sweep(counter, backup, check, fd_leaks)
     if style != "exec":  # a pipe's timing makes the exec run's count vary
-        assert coverage.covered == coverage.runs
+        # The output thread's timing may add or skip a wait for a completion
+        # (a few per run, at most one per extent): only the points past a
+        # run's own count can go uncovered.
+        assert coverage.runs - coverage.covered <= coverage.spread <= 8
     print(f"\nwriter {style}: {coverage}, whole exec outputs at points {whole_outputs}")
     assert coverage.cancelled > 0
 

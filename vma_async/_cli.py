@@ -17,22 +17,17 @@ reference dies with status 133 from ``g_error``; see ``docs/cli.md``).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import getopt
-import json
 import os
 import shutil
 import signal
 import stat
 import sys
 import time
-import traceback
-import urllib.parse
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 
 # The public API only: the command is a client of the library like any other.
@@ -301,6 +296,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
     if not args:
         raise UsageError("no command given")
     if args[0] not in _SHORT_OPTIONS:
+        import difflib  # only for a mistyped command (start-up: issue 10)
+
         close = difflib.get_close_matches(args[0], list(_SHORT_OPTIONS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UsageError(f"unknown command '{args[0]}'{hint}")
@@ -446,6 +443,9 @@ def content_lines(header: ArchiveHeader) -> str:
 
 
 def content_json(header: ArchiveHeader) -> str:
+    import json  # here, with datetime: start-up of the other commands (issue 10)
+    from datetime import UTC, datetime
+
     try:
         ctime_iso: str | None = datetime.fromtimestamp(header.ctime, UTC).isoformat()
     except (OverflowError, ValueError, OSError):
@@ -975,6 +975,8 @@ def _listen_address(value: str) -> tuple[str, int]:
 
 
 def _nbd_uri(address: str | tuple[str, int], name: str) -> str:
+    import urllib.parse
+
     export = urllib.parse.quote(name)
     if isinstance(address, str):  # "unix:PATH"
         return f"nbd+unix:///{export}?socket={address.removeprefix('unix:')}"
@@ -1091,6 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ProgressBar.live is not None:
             ProgressBar.live.clear()
         if debug:
+            import traceback
+
             traceback.print_exc()
         sys.stderr.write(f"vma: {_one_line(exc, parsed.args[0])}\n")
         return 1

@@ -387,35 +387,36 @@ async def _backup_stream(
         # one queued, one being packed, and with a digest one more that may
         # still be hashing.  A buffer comes back after the packing, with what
         # the digest still has to finish on it before the next read.
-        depth = 3 if digest is None else 4
+        # (Never more buffers than whole chunks: a small disk needs none, its
+        # one short chunk is read into a buffer of its own size.)
+        depth = min(3 if digest is None else 4, size // READ_CHUNK)
         free_send, free_receive = anyio.create_memory_object_stream[
             tuple[bytearray, tuple[Future[None], ...]]
         ](depth)
         for _ in range(depth):
             free_send.send_nowait((bytearray(READ_CHUNK), ()))
         send, receive = anyio.create_memory_object_stream[
-            tuple[int, _Chunk, bytearray, tuple[Future[None], ...]]
+            tuple[int, _Chunk, bytearray | None, tuple[Future[None], ...]]
         ](1)
 
         async def read_ahead() -> None:
             async with send:
                 for offset in range(0, size, READ_CHUNK):
                     length = min(READ_CHUNK, size - offset)
-                    ring_buf, pending = await free_receive.receive()
-                    if digest is not None and pending:
-                        await anyio.to_thread.run_sync(digest.wait, pending)
+                    ring_buf: bytearray | None = None
+                    if length == READ_CHUNK:
+                        ring_buf, pending = await free_receive.receive()
+                        if digest is not None and pending:
+                            await anyio.to_thread.run_sync(digest.wait, pending)
                     try:
                         chunk = await opened.read_chunk(
-                            offset,
-                            length,
-                            file_end,
-                            ring_buf if length == READ_CHUNK else None,
-                            zero_holes=digest is not None,
+                            offset, length, file_end, ring_buf, zero_holes=digest is not None
                         )
                     except OSError as exc:
                         raise SourceError(
                             f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
                         ) from exc
+                    pending = ()
                     if digest is not None:
                         pending = await anyio.to_thread.run_sync(
                             digest.update, offset, chunk[0], chunk[1]
@@ -429,7 +430,8 @@ async def _backup_stream(
                     # One call per chunk: the writer pads a short last cluster,
                     # elides zero blocks and skips clusters without data.
                     await writer.write_clusters(dev_id, offset // CLUSTER_SIZE, buf, has_data)
-                    free_send.send_nowait((ring_buf, pending))
+                    if ring_buf is not None:
+                        free_send.send_nowait((ring_buf, pending))
                     if tracker is not None:
                         tracker.walked(dev_id, len(has_data), read)
                         await tracker.report()

@@ -19,6 +19,7 @@ from vma_async import (
     BlobTooLargeError,
     ClusterRangeError,
     ClusterSizeError,
+    DuplicateDeviceNameError,
     ExtentAssembler,
     HeaderWrittenError,
     IncompleteStreamError,
@@ -364,6 +365,21 @@ def test_too_many_drives() -> None:
     assert [asm.register_stream(f"d{i}", 1) for i in range(254)] == list(range(1, 255))
     with pytest.raises(TooManyDevicesError, match="^vma_writer_register_stream: too many drives$"):
         asm.register_stream("one-too-many", 1)
+
+
+def test_the_same_device_name_twice_is_refused_by_the_writer() -> None:
+    """Issue 11: an archive with two disks of one name cannot be restored
+    (the second disk's file or map line would be the first's); the library
+    path refuses it as ``vma create`` does, and the error is sticky."""
+    asm = ExtentAssembler(UUID)
+    asm.register_stream("drive-scsi0", CLUSTER)
+    with pytest.raises(
+        DuplicateDeviceNameError,
+        match="^vma_writer_register_stream: device name 'drive-scsi0' given twice$",
+    ):
+        asm.register_stream("drive-scsi0", 2 * CLUSTER)
+    with pytest.raises(DuplicateDeviceNameError):
+        asm.register_stream("drive-scsi1", CLUSTER)
 
 
 def test_too_many_configs() -> None:

@@ -35,6 +35,7 @@ from ._errors import (
     BlobTooLargeError,
     ClusterRangeError,
     ClusterSizeError,
+    DuplicateDeviceNameError,
     HeaderWrittenError,
     IncompleteStreamError,
     InvalidStreamError,
@@ -208,6 +209,12 @@ class ExtentAssembler:
         if size <= 0:
             raise self.fail(
                 InvalidStreamError(f"vma_writer_register_stream: got strange size {size}")
+            )
+        if any(stream.name == name for stream in self._streams.values()):
+            raise self.fail(
+                DuplicateDeviceNameError(
+                    f"vma_writer_register_stream: device name '{name}' given twice"
+                )
             )
         if len(encode_name(name)) > MAX_BLOB_SIZE:
             raise self.fail(

@@ -488,6 +488,8 @@ async def create_archive(
     images: list[tuple[str, Image]] = []
     try:
         for name, path, *image_format in devices:
+            # Checked here too (the writer refuses it as well) so that it fails
+            # before any image, qemu-nbd or the archive is opened.
             if any(name == known for known, _ in images):
                 raise DuplicateDeviceNameError(f"device name '{name}' given twice")
             images.append((name, await open_any_image(path, *image_format)))

@@ -539,10 +539,7 @@ class VmaWriter(AsyncResource):
             async with self._output_lock:
                 self._assembler.raise_if_failed()
                 writing = True
-                if self._output_thread is not None:
-                    await self._collect_written(self._output_thread)
-                else:
-                    await self._write_sealed()
+                await self._write_sealed()
                 writing = False
         except BaseException as exc:
             # The output holds part of an extent: nothing can follow.  (Only
@@ -553,20 +550,6 @@ class VmaWriter(AsyncResource):
                 await self._fail(exc)
             raise
 
-    async def _collect_written(self, output: OutputThread) -> None:
-        """Wait for the output thread to write everything sealed (it has it
-        all already), returning each buffer to the pool as it is written."""
-        with anyio.CancelScope() as scope:
-            self._drain_scope = scope
-            try:
-                while self._sealed:
-                    for _ in range(await output.collect()):
-                        self._written(self._sealed.popleft())
-            finally:
-                self._drain_scope = None
-        if scope.cancelled_caught:
-            self._assembler.raise_if_failed()
-
     def _written(self, sealed: tuple[mmap.mmap, int, int]) -> None:
         buffer, _, length = sealed
         self._sealed_bytes -= length
@@ -576,13 +559,20 @@ class VmaWriter(AsyncResource):
         self._account()
 
     async def _write_sealed(self) -> None:
+        """Write the FIFO out, or with an output thread (which has every sealed
+        extent already) wait for it to, returning buffers as they are written."""
+        output = self._output_thread
         with anyio.CancelScope() as scope:
             self._drain_scope = scope
             try:
                 while self._sealed:
-                    buffer, start, length = self._sealed[0]
-                    await self._target.write_aligned(buffer, start, start + length)
-                    self._written(self._sealed.popleft())
+                    if output is not None:
+                        for _ in range(await output.collect()):
+                            self._written(self._sealed.popleft())
+                    else:
+                        buffer, start, length = self._sealed[0]
+                        await self._target.write_aligned(buffer, start, start + length)
+                        self._written(self._sealed.popleft())
             finally:
                 self._drain_scope = None
         if scope.cancelled_caught:

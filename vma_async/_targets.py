@@ -216,15 +216,7 @@ class NewFileTarget(_FdTarget):
         self._write_all([data])
 
     async def write_aligned(self, buffer: mmap.mmap, start: int, end: int) -> None:
-        carried = self._carry_len
-        head = start - carried
-        if not self.direct or head < 0 or head % ALIGNMENT:
-            await self.write(memoryview(buffer)[start:end])
-            return
-        try:
-            await anyio.to_thread.run_sync(self._write_direct, buffer, head, end)
-        except OSError as exc:
-            raise _write_error(exc) from exc
+        await anyio.to_thread.run_sync(self._write_blocking, buffer, start, end)
 
     def _write_blocking(self, buffer: mmap.mmap, start: int, end: int) -> None:
         head = start - self._carry_len

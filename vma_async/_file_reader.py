@@ -20,10 +20,13 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ._errors import SourceError
 from ._parser import ArchiveParser, ParsedExtent, ReadSummary
+
+if TYPE_CHECKING:  # _fdio imports anyio, which the loop-free paths must not
+    from ._fdio import Buffer
 
 __all__ = ["CHUNK_SIZE", "FileReader", "pull_batch", "verify_file"]
 
@@ -36,8 +39,6 @@ _POOL_MIN_READ: Final = 256 << 10
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 """Linux 4.14+: a read that must not wait for the disk (0 elsewhere: then
 ``pread_cached`` simply reads, so it is only used where the flag exists)."""
-
-Buffer = bytes | bytearray | memoryview
 
 
 class FileReader:

@@ -695,3 +695,22 @@ async def test_a_write_error_in_the_output_thread_aborts_with_the_targets_messag
     assert not (tmp_path / "a.vma").exists()
     assert _output_threads() == []
     fd_leaks.assert_same(fds)
+
+
+async def test_a_write_after_an_abort_raises_the_sticky_error_even_with_a_full_extent(
+    tmp_path: Path,
+) -> None:
+    """An extent holds 58 clusters and is sealed only when a 59th comes: an
+    abort in between released its buffer, and the next write must say the
+    archive was aborted (it once failed an internal assertion)."""
+    writer = await VmaWriter.open(tmp_path / "a.vma", uuid=UUID)
+    dev_id = writer.register_stream("drive-scsi0", 100 * CLUSTER)
+    await writer.write_clusters(dev_id, 0, make_image(58 * CLUSTER, "random", random.Random(9)))
+    await writer.abort()
+    for write in (
+        writer.write_clusters(dev_id, 58, bytes(CLUSTER)),
+        writer.write(dev_id, 58, bytes(CLUSTER)),
+    ):
+        with pytest.raises(WriterAbortedError, match=r"^vma archive aborted$"):
+            await write
+    assert not (tmp_path / "a.vma").exists()

@@ -503,7 +503,9 @@ class VmaWriter(AsyncResource):
 
     async def _make_room(self) -> bool:
         """Make the open extent ready for one more cluster (under the lock);
-        True if something was sealed for the output."""
+        True if something was sealed for the output.  An aborted writer has
+        released its buffers: its sticky error comes first."""
+        self._assembler.raise_if_failed()
         sealed = await self._ensure_header()
         if self._assembler.extent_full:
             self._seal_current()

@@ -37,7 +37,8 @@ from vma_async import (
 PUBLIC_NAMES = [
     "ArchiveHeader", "ArchiveParser", "ArchiveSource", "AsyncResource", "BLOCK_SIZE",
     "BadMagicError", "BlobTableError", "BlobTooLargeError", "BlockBeyondEndError", "CLUSTER_SIZE",
-    "CallbackSink", "ClusterEntry", "ClusterRangeError", "ClusterSizeError", "CommandFailedError",
+    "CallbackSink", "ClusterEntry", "ClusterRangeError", "ClusterRead", "ClusterSizeError",
+    "CommandFailedError",
     "CommandTarget", "CompressingTarget", "DeviceInfo", "DeviceProgress", "DeviceReadStats",
     "DeviceSizeError", "DeviceView", "DigestError", "DigestMismatchError", "DigestRecorder",
     "DuplicateClusterError", "DuplicateDeviceNameError", "EXTENT_HEADER_SIZE", "ExistingFileSink",

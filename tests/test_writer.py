@@ -34,12 +34,14 @@ from vma_async import (
     InvalidStreamError,
     NewFileTarget,
     OpenStreamError,
+    SourceError,
     TargetError,
     TargetExistsError,
     VmaWriter,
     WriterAbortedError,
 )
 from vma_async._assembler import WRITER_EXTENT_SIZE
+from vma_async._writer import PACK_GROUP, ClusterRead
 
 pytestmark = pytest.mark.anyio
 
@@ -697,6 +699,108 @@ async def test_a_write_error_in_the_output_thread_aborts_with_the_targets_messag
     fd_leaks.assert_same(fds)
 
 
+# --- write_clusters_from: reading and packing in one worker thread --------------------------
+
+
+async def test_write_clusters_from_writes_what_write_clusters_writes(tmp_path: Path) -> None:
+    """Two disks, interleaving: one through ``write_clusters``, one through
+    ``write_clusters_from`` whose ``read`` says "wait" now and then; the
+    other way round gives the same archive, byte for byte, and dissect
+    restores both.  ``read`` runs in a worker thread, under the lock, and
+    is asked for at most PACK_GROUP clusters, never more than the extent takes."""
+    rng = random.Random(7)
+    images = {
+        "drive-scsi0": make_image(150 * CLUSTER + 3000, "mixed", rng),
+        "drive-scsi1": make_image(90 * CLUSTER, "random", rng),
+    }
+    asks: list[tuple[int, bool, bool]] = []
+
+    def reader(writer: VmaWriter, data: bytes) -> ClusterRead:
+        calls = itertools.count()
+
+        def read(cluster_num: int, n: int) -> tuple[bytes, None] | None:
+            asks.append(
+                (n, threading.current_thread() is threading.main_thread(), writer._lock.locked())
+            )
+            if next(calls) % 3 == 2:
+                return None  # not at hand: the producer calls again
+            return data[cluster_num * CLUSTER : (cluster_num + n) * CLUSTER], None
+
+        return read
+
+    async def back_up(path: Path, from_reader: str) -> bytes:
+        async with VmaWriter.open(path, uuid=UUID, ctime=CTIME) as writer:
+            ids = {name: writer.register_stream(name, len(data)) for name, data in images.items()}
+
+            async def one(name: str, data: bytes) -> None:
+                count = -(-len(data) // CLUSTER)
+                for first in range(0, count, 20):
+                    n = min(20, count - first)
+                    if name == from_reader:
+                        read = reader(writer, data)
+                        done = 0
+                        while done < n:
+                            done += await writer.write_clusters_from(
+                                ids[name], first + done, n - done, read
+                            )
+                    else:
+                        chunk = data[first * CLUSTER : (first + n) * CLUSTER]
+                        await writer.write_clusters(ids[name], first, chunk)
+                await writer.close_stream(ids[name])
+
+            async with anyio.create_task_group() as tg:
+                for name, data in images.items():
+                    tg.start_soon(one, name, data)
+        return await anyio.Path(path).read_bytes()
+
+    first = await back_up(tmp_path / "a.vma", "drive-scsi0")
+    second = await back_up(tmp_path / "b.vma", "drive-scsi1")
+    assert_archive(first, images, {})
+    assert_archive(second, images, {})
+    assert asks
+    assert all(1 <= n <= PACK_GROUP for n, _, _ in asks)
+    assert not any(in_main for _, in_main, _ in asks)
+    assert all(locked for _, _, locked in asks)
+
+
+async def test_write_clusters_from_returns_how_many_were_queued(tmp_path: Path) -> None:
+    data = make_image(30 * CLUSTER, "random", random.Random(8))
+    answers = iter([True, True, False])
+
+    def read(cluster_num: int, n: int) -> tuple[bytes, list[bool]] | None:
+        if not next(answers, True):
+            return None
+        return data[cluster_num * CLUSTER : (cluster_num + n) * CLUSTER], [True] * n
+
+    async with VmaWriter.open(tmp_path / "a.vma", uuid=UUID, ctime=CTIME) as writer:
+        dev_id = writer.register_stream("drive-scsi0", len(data))
+        assert await writer.write_clusters_from(dev_id, 0, 30, read) == 2 * PACK_GROUP
+        assert (
+            await writer.write_clusters_from(dev_id, 2 * PACK_GROUP, 30 - 2 * PACK_GROUP, read)
+            == 30 - 2 * PACK_GROUP
+        )
+        await writer.close_stream(dev_id)
+    assert_archive((tmp_path / "a.vma").read_bytes(), {"drive-scsi0": data}, {})
+
+
+async def test_write_clusters_from_fails_with_the_readers_error(tmp_path: Path) -> None:
+    """An error raised by ``read`` in the worker thread aborts the archive
+    and reaches the producer as it was raised."""
+
+    def read(cluster_num: int, n: int) -> tuple[bytes, None] | None:
+        raise SourceError(f"read error at cluster {cluster_num}")
+
+    async def back_up() -> VmaWriter:
+        async with VmaWriter.open(tmp_path / "a.vma", uuid=UUID) as writer:
+            dev_id = writer.register_stream("drive-scsi0", 10 * CLUSTER)
+            await writer.write_clusters_from(dev_id, 0, 10, read)
+        return writer
+
+    with pytest.raises(SourceError, match=r"^read error at cluster 0$"):
+        await back_up()
+    assert not (tmp_path / "a.vma").exists()
+
+
 async def test_a_write_after_an_abort_raises_the_sticky_error_even_with_a_full_extent(
     tmp_path: Path,
 ) -> None:
@@ -710,6 +814,7 @@ async def test_a_write_after_an_abort_raises_the_sticky_error_even_with_a_full_e
     for write in (
         writer.write_clusters(dev_id, 58, bytes(CLUSTER)),
         writer.write(dev_id, 58, bytes(CLUSTER)),
+        writer.write_clusters_from(dev_id, 58, 1, lambda c, n: (bytes(CLUSTER), None)),
     ):
         with pytest.raises(WriterAbortedError, match=r"^vma archive aborted$"):
             await write

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from ._sinks import CallbackSink, ExistingFileSink, RawFileSink, SequentialSink, Sink
     from ._sources import ArchiveSource, open_source
     from ._targets import CommandTarget, FdTarget, FifoTarget, NewFileTarget, Target
-    from ._writer import StreamStatus, VmaWriter, WriterStats, WriterStatus
+    from ._writer import ClusterRead, StreamStatus, VmaWriter, WriterStats, WriterStatus
 
 __version__ = "0.1.0"
 
@@ -109,6 +109,7 @@ __all__ = [
     "S3TargetStats",
     "StreamStatus",
     "Target",
+    "ClusterRead",
     "VmaWriter",
     "WriterStats",
     "WriterStatus",
@@ -211,6 +212,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "FifoTarget": "_targets",
     "NewFileTarget": "_targets",
     "Target": "_targets",
+    "ClusterRead": "_writer",
     "StreamStatus": "_writer",
     "VmaWriter": "_writer",
     "WriterStats": "_writer",

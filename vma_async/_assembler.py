@@ -273,6 +273,11 @@ class ExtentAssembler:
         return len(self._blockinfo) >= WRITER_CLUSTERS_PER_EXTENT
 
     @property
+    def extent_room(self) -> int:
+        """Clusters the open extent still takes."""
+        return WRITER_CLUSTERS_PER_EXTENT - len(self._blockinfo)
+
+    @property
     def extent_bytes(self) -> int:
         """Bytes of the open extent so far (its header counted), 0 when none is open."""
         return self._pos if self._buffer is not None else 0

@@ -48,6 +48,8 @@ from vma_async import (
     VmaReader,
     VmaWriter,
     WriterAbortedError,
+    _backup,
+    backup_image,
     extract_archive,
 )
 
@@ -271,6 +273,49 @@ async def test_cancel_the_writer_at_every_point(
         # run's own count can go uncovered.
         assert coverage.runs - coverage.covered <= coverage.spread <= 8
     print(f"\nwriter {style}: {coverage}, whole exec outputs at points {whole_outputs}")
+    assert coverage.cancelled > 0
+
+
+@pytest.mark.parametrize("page_cache", ["holds the images", "says wait"])
+async def test_cancel_backup_image_at_every_point(
+    counter: CancelCounter,
+    tmp_path: Path,
+    page_cache: str,
+    fd_leaks: FdLeakCheck,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``create``'s producers: ``backup_image`` of two image files at once,
+    reading and packing in worker threads under the writer's lock, or (when
+    no read may be done there without waiting) reading every group outside
+    it first."""
+    if page_cache == "says wait":
+        monkeypatch.setattr(_backup, "_RWF_NOWAIT", 0)
+    paths = {}
+    for name, data in IMAGES.items():
+        paths[name] = tmp_path / f"{name}.raw"
+        await anyio.Path(paths[name]).write_bytes(data)
+    path = tmp_path / "backup.vma"
+
+    async def backup() -> None:
+        async with VmaWriter.open(path, uuid=UUID, buffer_count=2) as writer:
+            for name, data in CONFIGS.items():
+                writer.add_config(name, data)
+            ids = {name: writer.register_stream(name, len(data)) for name, data in IMAGES.items()}
+            async with anyio.create_task_group() as tg:
+                for name, image in paths.items():
+                    tg.start_soon(backup_image, writer, ids[name], image)
+
+    async def check(cancelled: bool) -> None:
+        exists = await anyio.Path(path).exists()
+        if cancelled:
+            assert not exists, f"a cancelled backup left its file ({counter.cancel_at})"
+        else:
+            assert await restored_or_error(path) == IMAGES
+            await anyio.Path(path).unlink()
+
+    coverage = await sweep(counter, backup, check, fd_leaks)
+    assert coverage.runs - coverage.covered <= coverage.spread <= 8
+    print(f"\nbackup_image, page cache {page_cache}: {coverage}")
     assert coverage.cancelled > 0
 
 

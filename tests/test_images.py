@@ -3,6 +3,7 @@ throttling (``_sink_wrappers``) and restore-map input (``_restore_map``)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -41,6 +42,9 @@ from vma_async import (
 from vma_async import _backup as backup_module
 from vma_async._backup import _read_chunk
 from vma_async._extract import _CreatedFiles, check_file_name
+from vma_async._writer import PACK_GROUP, ClusterRead
+
+UUID = uuid.UUID("0b5e55ed-0000-4000-8000-00000000cafe")
 
 # --- hole detection ------------------------------------------------------------------
 
@@ -166,9 +170,10 @@ def _ring_image(path: Path) -> bytes:
 async def test_reused_read_buffers_never_leak_into_the_archive(
     tmp_path: Path, with_digest: bool
 ) -> None:
-    """Many chunks through the ring of read buffers: dense random chunks
-    first, then sparse ones whose holes fall inside clusters with data, so
-    a buffer that was not cleared would restore stale random bytes."""
+    """Many chunks through the reused read buffers (the 512 KiB group buffer
+    without a digest, the ring of 4 MiB buffers with one): dense random
+    chunks first, then sparse ones whose holes fall inside clusters with
+    data, so a buffer that was not cleared would restore stale random bytes."""
     disk = tmp_path / "disk.raw"
     expected = _ring_image(disk)
     recorder = DigestRecorder() if with_digest else None
@@ -323,6 +328,7 @@ class RecordingWriter:
         self.dev_id = dev_id
         self.writes: list[tuple[int, bytes | None]] = []
         self.closed = False
+        self.waits = 0
 
     def status(self) -> WriterStatus:
         stream = StreamStatus(self.dev_id, "d", self.size, 0, 0, False)
@@ -347,6 +353,23 @@ class RecordingWriter:
             stored = present is None or present[index]
             await self.write(dev_id, first_cluster + index, chunk if stored else None)
         return count * CLUSTER_SIZE
+
+    async def write_clusters_from(
+        self, dev_id: int, first_cluster: int, count: int, read: ClusterRead
+    ) -> int:
+        """The reading call, in groups as the writer asks, recorded cluster by cluster."""
+        done = 0
+        while done < count:
+            n = min(PACK_GROUP, count - done)
+            clusters = await anyio.to_thread.run_sync(read, first_cluster + done, n)
+            if clusters is None:
+                self.waits += 1
+                return done
+            data, present = clusters
+            stored = list(present)[:n] if present is not None else [True] * n
+            await self.write_clusters(dev_id, first_cluster + done, bytes(data), stored)
+            done += n
+        return done
 
     async def close_stream(self, dev_id: int) -> int:
         self.closed = True
@@ -628,3 +651,110 @@ async def test_a_dense_image_is_asked_where_its_data_is_once(
     monkeypatch.undo()
     await extract_archive(tmp_path / "a.vma", tmp_path / "out")
     assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == data
+
+
+# --- raw images: read and packed while in the CPU's cache ------------------------------
+
+
+def _uncached_image(path: Path, data: bytes) -> None:
+    """Write ``data`` and drop it from the page cache (the premise is checked:
+    a read that must not wait for the disk is refused)."""
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.anyio
+async def test_backup_image_waits_outside_the_writer_for_what_the_page_cache_lacks(
+    tmp_path: Path,
+) -> None:
+    """Clusters the page cache does not hold are never read under the
+    writer's lock: ``read`` says wait, the producer reads them outside it.
+    Once the image is cached, nothing waits.  Either way every byte arrives."""
+    path = tmp_path / "disk.raw"
+    data = os.urandom(3 * 64 * CLUSTER_SIZE + 5000)
+    _uncached_image(path, data)
+    for expect_waits in (True, False):
+        writer = RecordingWriter(1, len(data))
+        await backup_image(writer, 1, path)  # type: ignore[arg-type]
+        assert (writer.waits > 0) is expect_waits
+        assert b"".join(d or b"" for _, d in writer.writes)[: len(data)] == data
+
+
+@pytest.mark.anyio
+async def test_backup_image_without_rwf_nowait_reads_every_group_outside_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses ``RWF_NOWAIT`` (EOPNOTSUPP): every group of
+    clusters is read by the producer, outside the lock, and packed after."""
+    real = backup_module._read_chunk
+
+    def refusing(*args: Any, flags: int = 0, **kwargs: Any) -> Any:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "_read_chunk", refusing)
+    path = tmp_path / "disk.raw"
+    data = os.urandom(3 * 64 * CLUSTER_SIZE + 5000)
+    path.write_bytes(data)
+    writer = RecordingWriter(1, len(data))
+    await backup_image(writer, 1, path)  # type: ignore[arg-type]
+    assert writer.waits == 3 * 64 // PACK_GROUP + 1  # every group of every chunk
+    assert b"".join(d or b"" for _, d in writer.writes)[: len(data)] == data
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_read_error_names_the_image_and_the_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    """Under the lock (a cached read) or outside it (a read that waits): the
+    image's read error is a SourceError naming the file and the offset."""
+    real = backup_module._read_chunk
+
+    def failing(fd: int, offset: int, *args: Any, flags: int = 0, **kwargs: Any) -> Any:
+        if offset >= 2 * PACK_GROUP * CLUSTER_SIZE:
+            if flags and not cached:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, offset, *args, flags=flags, **kwargs)
+
+    monkeypatch.setattr(backup_module, "_read_chunk", failing)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(64 * CLUSTER_SIZE))
+    with pytest.raises(SourceError) as info:
+        await create_archive(tmp_path / "a.vma", [("drive-scsi0", path)])
+    offset = 2 * PACK_GROUP * CLUSTER_SIZE
+    assert str(info.value) == f"read error on '{path}' at offset {offset} - Input/output error"
+    assert not (tmp_path / "a.vma").exists()
+
+
+@pytest.mark.anyio
+async def test_both_read_paths_write_the_same_archive(tmp_path: Path) -> None:
+    """A raw image goes through ``write_clusters_from`` (one reused 512 KiB
+    buffer); with a digest, through the 4 MiB read-ahead ring.  The archives
+    are identical, byte for byte, including a device end inside a block
+    after dirty groups (the size rounded up to 512 as the command does)."""
+    disk = tmp_path / "disk.raw"
+    tail = os.urandom(1000)
+    expected = _ring_image(disk) + tail
+    disk.write_bytes(expected)
+    archives = []
+    for digest in (None, DigestRecorder()):
+        path = tmp_path / f"{digest is None}.vma"
+        await create_archive(
+            path, [("drive-scsi0", disk)], uuid=UUID, ctime=1, digest=digest, size_multiple=512
+        )
+        archives.append(path.read_bytes())
+    assert archives[0] == archives[1]
+    await extract_archive(tmp_path / "True.vma", tmp_path / "out")
+    restored = (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes()
+    assert restored == expected + bytes(len(restored) - len(expected))
+    assert len(restored) == -(-len(expected) // 512) * 512

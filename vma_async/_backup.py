@@ -4,10 +4,15 @@ Goal: back up raw image files and block devices as fast as the writer takes
 them, without ever blocking the event loop and without reading holes.
 
 Plan: :func:`open_image` opens an image (in a worker thread) and learns its
-size.  :func:`backup_image` feeds one registered stream: it reads in 4 MiB
-chunks in a worker thread, one chunk ahead of the writer, asks the kernel
-where the data is with ``SEEK_DATA``/``SEEK_HOLE`` and never reads a hole (a
-cluster wholly in a hole goes to the writer as "no data").
+size.  :func:`backup_image` feeds one registered stream.  A raw image is
+read 512 KiB at a time and packed in the same worker thread, while the bytes
+are in that core's cache (:meth:`VmaWriter.write_clusters_from`); only what
+the page cache holds is read under the writer's lock, the rest is waited
+for outside it.  An image read through qemu-nbd, or one being digested, is
+read in 4 MiB chunks one chunk ahead of the writer.  Either way the kernel
+says where the data is (``SEEK_DATA``/``SEEK_HOLE``, or qemu-nbd's block
+status) and a hole is never read (a cluster wholly in a hole goes to the
+writer as "no data").
 :func:`create_archive` opens every image *before* the archive exists (a
 missing image leaves nothing behind), registers the streams, then runs one
 producer per device in a task group (or one after another, for a
@@ -21,6 +26,7 @@ partial archive.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -41,7 +47,7 @@ from ._format import CLUSTER_SIZE
 from ._opening import unwrap_group
 from ._progress import DeviceProgress, Progress, ProgressCallback, report_progress
 from ._qemu import QemuImage, probe_file_format
-from ._writer import VmaWriter
+from ._writer import PACK_GROUP, VmaWriter
 
 if TYPE_CHECKING:  # the digest code (and the reader it uses) only with --digest
     from ._digest import DeviceDigest, DigestRecorder
@@ -232,6 +238,7 @@ def _read_chunk(
     *,
     zero_holes: bool = True,
     data_map: _DataMap | None = None,
+    flags: int = 0,
 ) -> _Chunk:
     """Read the data (not the holes) of one chunk; say which clusters hold any.
 
@@ -240,6 +247,8 @@ def _read_chunk(
     ``length`` bytes) is a buffer to reuse: the unread parts of the clusters
     that hold data are cleared, and with ``zero_holes`` every unread byte
     (the digest hashes whole chunks).  Without it a fresh buffer is made.
+    ``flags`` go to ``preadv``: with ``os.RWF_NOWAIT`` a read that would
+    wait for the disk raises :class:`BlockingIOError`.
 
     Why reuse (issue 10, measured with ``perf``): a fresh 4 MiB bytearray per
     chunk cost a page fault and a page clear per 4 KiB, and glibc handed the
@@ -258,7 +267,7 @@ def _read_chunk(
     for data_start, data_end in data_map.ranges(offset, min(offset + length, file_end)):
         pos = data_start
         while pos < data_end:
-            got = os.preadv(fd, [view[pos - offset : data_end - offset]], pos)
+            got = os.preadv(fd, [view[pos - offset : data_end - offset]], pos, flags)
             if got == 0:  # the file shrank under us: the rest reads as zeros
                 break
             pos += got
@@ -292,6 +301,106 @@ def _clear(view: memoryview, start: int, end: int, has_data: list[bool], everyth
     if last != first and has_data[last]:
         tail_start = last * CLUSTER_SIZE
         view[tail_start:end] = _ZEROS[: end - tail_start]
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+"""Linux 4.14+ (0 elsewhere: then :class:`_CachedClusters` waits for every group)."""
+
+PREFETCH = 8 << 20
+"""How far ahead :class:`_CachedClusters` asks the kernel to read once the
+page cache runs dry: a disk keeps reading while the clusters it has
+delivered are packed."""
+
+
+class _CachedClusters:
+    """One raw image's clusters for :meth:`VmaWriter.write_clusters_from`.
+
+    :meth:`at_hand` runs under the writer's lock (in its worker thread) and
+    reads with ``RWF_NOWAIT``: only what the page cache holds, None for
+    anything that would wait for the disk.  :meth:`wait_for` runs outside the
+    lock, in a worker thread of its own: it asks the kernel to read
+    :data:`PREFETCH` ahead, reads the clusters (blocking) and keeps them for
+    the next :meth:`at_hand`.  So one disk that is slow, or a hung file
+    system, never holds up the other devices' producers.  Without
+    ``RWF_NOWAIT`` (a file system that refuses it) every group is read by
+    :meth:`wait_for`.  One buffer of :data:`PACK_GROUP` clusters serves both:
+    the writer packs a group before anything asks for the next.
+    """
+
+    def __init__(self, image: Image, size: int, file_end: int) -> None:
+        self._image = image
+        self._size = size
+        self._file_end = file_end
+        self._buf = bytearray(PACK_GROUP * CLUSTER_SIZE)
+        if image.data_map is None:
+            image.data_map = _DataMap(image.fd)
+        self._data_map = image.data_map
+        self._nowait = _RWF_NOWAIT
+        self._ready: tuple[int, _Chunk] | None = None
+        self._prefetched = 0
+        self._read_bytes = 0
+
+    def at_hand(self, cluster_num: int, count: int) -> tuple[bytearray, list[bool]] | None:
+        """Clusters ``cluster_num`` .. ``+ count - 1`` if no disk has to be
+        waited for, else None."""
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[0] == cluster_num:
+            return ready[1][0], ready[1][1]
+        if not self._nowait:
+            return None
+        try:
+            buf, has_data, read = self._read(cluster_num, count, self._nowait)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise self._error(cluster_num, exc) from exc
+            self._nowait = 0
+            return None
+        self._read_bytes += read
+        return buf, has_data
+
+    def wait_for(self, cluster_num: int, count: int) -> None:
+        """Read the next group from ``cluster_num`` (``count`` clusters are
+        left in this call), waiting for the disk; start the read-ahead."""
+        offset = cluster_num * CLUSTER_SIZE
+        if self._prefetched < offset + PREFETCH // 2:
+            start, end = max(offset, self._prefetched), min(offset + PREFETCH, self._file_end)
+            if start < end:
+                with contextlib.suppress(OSError):  # advice only
+                    os.posix_fadvise(self._image.fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            self._prefetched = offset + PREFETCH
+        try:
+            chunk = self._read(cluster_num, min(count, PACK_GROUP), 0)
+        except OSError as exc:
+            raise self._error(cluster_num, exc) from exc
+        self._read_bytes += chunk[2]
+        self._ready = (cluster_num, chunk)
+
+    def take_read_bytes(self) -> int:
+        """Bytes read (not holes) since the last call, for progress."""
+        read, self._read_bytes = self._read_bytes, 0
+        return read
+
+    def _read(self, cluster_num: int, count: int, flags: int) -> _Chunk:
+        offset = cluster_num * CLUSTER_SIZE
+        length = min(count * CLUSTER_SIZE, self._size - offset)
+        return _read_chunk(
+            self._image.fd,
+            offset,
+            length,
+            self._file_end,
+            self._buf,
+            zero_holes=False,
+            data_map=self._data_map,
+            flags=flags,
+        )
+
+    def _error(self, cluster_num: int, exc: OSError) -> SourceError:
+        return SourceError(
+            f"read error on '{self._image.path}' at offset {cluster_num * CLUSTER_SIZE}"
+            f" - {exc.strerror}"
+        )
 
 
 # --- progress -------------------------------------------------------------------
@@ -354,8 +463,8 @@ async def backup_image(
 
     The stream's registered size decides how much is written: bytes past the
     end of the file (a size rounded up to 512) are zeros.  Clusters wholly in
-    holes go to the writer as ``None`` and are never read.  The image is read
-    one chunk ahead of the writer, so disk and writer work overlap.
+    holes go to the writer as ``None`` and are never read.  Reading overlaps
+    the writer's output (see the module docstring for how).
     ``progress`` gets a :class:`~vma_async.Progress` (operation ``"backup"``)
     at the start, after every 4 MiB chunk and at the end.  ``digest``
     (``--digest``) is fed each chunk in a worker thread, beside the packing.
@@ -383,58 +492,10 @@ async def _backup_stream(
     try:
         size = next(s.size for s in writer.status().streams if s.dev_id == dev_id)
         file_end = min(opened.size, size)
-        # A ring of reusable read buffers (see _read_chunk): one being read,
-        # one queued, one being packed, and with a digest one more that may
-        # still be hashing.  A buffer comes back after the packing, with what
-        # the digest still has to finish on it before the next read.
-        # (Never more buffers than whole chunks: a small disk needs none, its
-        # one short chunk is read into a buffer of its own size.)
-        depth = min(3 if digest is None else 4, size // READ_CHUNK)
-        free_send, free_receive = anyio.create_memory_object_stream[
-            tuple[bytearray, tuple[Future[None], ...]]
-        ](depth)
-        for _ in range(depth):
-            free_send.send_nowait((bytearray(READ_CHUNK), ()))
-        send, receive = anyio.create_memory_object_stream[
-            tuple[int, _Chunk, bytearray | None, tuple[Future[None], ...]]
-        ](1)
-
-        async def read_ahead() -> None:
-            async with send:
-                for offset in range(0, size, READ_CHUNK):
-                    length = min(READ_CHUNK, size - offset)
-                    ring_buf: bytearray | None = None
-                    if length == READ_CHUNK:
-                        ring_buf, pending = await free_receive.receive()
-                        if digest is not None and pending:
-                            await anyio.to_thread.run_sync(digest.wait, pending)
-                    try:
-                        chunk = await opened.read_chunk(
-                            offset, length, file_end, ring_buf, zero_holes=digest is not None
-                        )
-                    except OSError as exc:
-                        raise SourceError(
-                            f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
-                        ) from exc
-                    pending = ()
-                    if digest is not None:
-                        pending = await anyio.to_thread.run_sync(
-                            digest.update, offset, chunk[0], chunk[1]
-                        )
-                    await send.send((offset, chunk, ring_buf, pending))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_ahead)
-            async with receive:
-                async for offset, (buf, has_data, read), ring_buf, pending in receive:
-                    # One call per chunk: the writer pads a short last cluster,
-                    # elides zero blocks and skips clusters without data.
-                    await writer.write_clusters(dev_id, offset // CLUSTER_SIZE, buf, has_data)
-                    if ring_buf is not None:
-                        free_send.send_nowait((ring_buf, pending))
-                    if tracker is not None:
-                        tracker.walked(dev_id, len(has_data), read)
-                        await tracker.report()
+        if opened.qemu is None and digest is None:
+            await _pack_image(writer, dev_id, opened, size, file_end, tracker)
+        else:
+            await _read_ahead_and_pack(writer, dev_id, opened, size, file_end, tracker, digest)
         await writer.close_stream(dev_id)
     except BaseExceptionGroup as group:
         raise unwrap_group(group) from None
@@ -442,6 +503,100 @@ async def _backup_stream(
         if opened is not image:
             with anyio.CancelScope(shield=True):
                 await opened.aclose()
+
+
+async def _pack_image(
+    writer: VmaWriter,
+    dev_id: int,
+    image: Image,
+    size: int,
+    file_end: int,
+    tracker: _BackupProgress | None,
+) -> None:
+    """A raw image without a digest: read and packed in one worker thread,
+    512 KiB at a time, while the bytes are in the CPU's cache (see
+    :meth:`VmaWriter.write_clusters_from`).  Only what the page cache holds
+    is read under the writer's lock; the rest is waited for outside it."""
+    clusters = _CachedClusters(image, size, file_end)
+    for offset in range(0, size, READ_CHUNK):
+        first = offset // CLUSTER_SIZE
+        count = -(-min(READ_CHUNK, size - offset) // CLUSTER_SIZE)
+        done = 0
+        while done < count:
+            done += await writer.write_clusters_from(
+                dev_id, first + done, count - done, clusters.at_hand
+            )
+            if done < count:
+                await anyio.to_thread.run_sync(clusters.wait_for, first + done, count - done)
+        if tracker is not None:
+            tracker.walked(dev_id, count, clusters.take_read_bytes())
+            await tracker.report()
+
+
+async def _read_ahead_and_pack(
+    writer: VmaWriter,
+    dev_id: int,
+    opened: Image,
+    size: int,
+    file_end: int,
+    tracker: _BackupProgress | None,
+    digest: DeviceDigest | None,
+) -> None:
+    """An image read through qemu-nbd, or one with a digest (which hashes
+    whole 4 MiB chunks): read one chunk ahead of the packing."""
+    # A raw image's ring of reusable read buffers (see _read_chunk): one
+    # being read, one queued, one being packed and one that the digest may
+    # still be hashing.  A buffer comes back after the packing, with what
+    # the digest still has to finish on it before the next read.  (Never
+    # more buffers than whole chunks: a small disk needs none, its one short
+    # chunk is read into a buffer of its own size.  qemu-nbd's replies come
+    # in buffers of their own.)
+    depth = min(4, size // READ_CHUNK) if opened.qemu is None else 0
+    free_send, free_receive = anyio.create_memory_object_stream[
+        tuple[bytearray, tuple[Future[None], ...]]
+    ](depth)
+    for _ in range(depth):
+        free_send.send_nowait((bytearray(READ_CHUNK), ()))
+    send, receive = anyio.create_memory_object_stream[
+        tuple[int, _Chunk, bytearray | None, tuple[Future[None], ...]]
+    ](1)
+
+    async def read_ahead() -> None:
+        async with send:
+            for offset in range(0, size, READ_CHUNK):
+                length = min(READ_CHUNK, size - offset)
+                ring_buf: bytearray | None = None
+                if length == READ_CHUNK and depth:
+                    ring_buf, pending = await free_receive.receive()
+                    if digest is not None and pending:
+                        await anyio.to_thread.run_sync(digest.wait, pending)
+                try:
+                    chunk = await opened.read_chunk(
+                        offset, length, file_end, ring_buf, zero_holes=digest is not None
+                    )
+                except OSError as exc:
+                    raise SourceError(
+                        f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
+                    ) from exc
+                pending = ()
+                if digest is not None:
+                    pending = await anyio.to_thread.run_sync(
+                        digest.update, offset, chunk[0], chunk[1]
+                    )
+                await send.send((offset, chunk, ring_buf, pending))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_ahead)
+        async with receive:
+            async for offset, (buf, has_data, read), ring_buf, pending in receive:
+                # One call per chunk: the writer pads a short last cluster,
+                # elides zero blocks and skips clusters without data.
+                await writer.write_clusters(dev_id, offset // CLUSTER_SIZE, buf, has_data)
+                if ring_buf is not None:
+                    free_send.send_nowait((ring_buf, pending))
+                if tracker is not None:
+                    tracker.walked(dev_id, len(has_data), read)
+                    await tracker.report()
 
 
 # --- a whole archive --------------------------------------------------------------

@@ -763,6 +763,36 @@ async def test_write_clusters_from_writes_what_write_clusters_writes(tmp_path: P
     assert all(locked for _, _, locked in asks)
 
 
+async def test_write_clusters_from_queues_everything_when_read_never_waits(
+    tmp_path: Path,
+) -> None:
+    """Two producers taking turns on the lock: a call whose ``read`` never
+    says wait queues all its clusters, whatever the other producer did to
+    the open extent in between (a full extent sealed by the other producer
+    once looked like a wait)."""
+    rng = random.Random(10)
+    images = {f"drive-scsi{n}": make_image(300 * CLUSTER, "random", rng) for n in range(2)}
+    returned: list[tuple[int, int]] = []
+
+    async with VmaWriter.open(tmp_path / "a.vma", uuid=UUID, ctime=CTIME) as writer:
+        ids = {name: writer.register_stream(name, len(data)) for name, data in images.items()}
+
+        async def one(name: str, data: bytes) -> None:
+            def read(cluster_num: int, n: int) -> tuple[bytes, None]:
+                return data[cluster_num * CLUSTER : (cluster_num + n) * CLUSTER], None
+
+            for first in range(0, 300, 150):  # more than an extent per call
+                queued = await writer.write_clusters_from(ids[name], first, 150, read)
+                returned.append((queued, 150))
+            await writer.close_stream(ids[name])
+
+        async with anyio.create_task_group() as tg:
+            for name, data in images.items():
+                tg.start_soon(one, name, data)
+    assert returned == [(150, 150)] * 4
+    assert_archive(await anyio.Path(tmp_path / "a.vma").read_bytes(), images, {})
+
+
 async def test_write_clusters_from_returns_how_many_were_queued(tmp_path: Path) -> None:
     data = make_image(30 * CLUSTER, "random", random.Random(8))
     answers = iter([True, True, False])

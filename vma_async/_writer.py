@@ -367,35 +367,39 @@ class VmaWriter(AsyncResource):
                     sealed = await self._make_room()
                     # ATOMIC (under the lock, in the worker thread): from the
                     # room made above to the clusters packed.
-                    packed = await anyio.to_thread.run_sync(
+                    packed, waiting = await anyio.to_thread.run_sync(
                         self._read_and_pack, dev_id, first_cluster + done, count - done, read
                     )
                     done += packed
                     self._account()
                 if sealed:
                     await self._hand_off()
-                if not self._assembler.extent_full:
-                    break  # ``read`` said wait (the extent would be full otherwise)
+                if waiting:
+                    break
         except BaseException as exc:
             await self._failed(exc)
             raise
         return done
 
-    def _read_and_pack(self, dev_id: int, first_cluster: int, count: int, read: ClusterRead) -> int:
+    def _read_and_pack(
+        self, dev_id: int, first_cluster: int, count: int, read: ClusterRead
+    ) -> tuple[int, bool]:
         """In a worker thread, under the lock: read and pack groups of clusters
         until ``count`` are packed, the extent is full or ``read`` says wait;
-        return how many were packed."""
+        return how many were packed and whether ``read`` said wait.  (Only
+        this can tell: once the lock is released another producer may seal
+        the full extent.)"""
         assembler = self._assembler
         packed = 0
         while packed < count and not assembler.extent_full:
             n = min(PACK_GROUP, count - packed, assembler.extent_room)
             clusters = read(first_cluster + packed, n)
             if clusters is None:
-                break
+                return packed, True
             data, present = clusters
             assembler.add_clusters(dev_id, first_cluster + packed, data, present, 0, n)
             packed += n
-        return packed
+        return packed, False
 
     async def close_stream(self, dev_id: int) -> int:
         """Mark a stream complete; return how many remain open.  Closing the

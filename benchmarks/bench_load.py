@@ -11,8 +11,9 @@ one after another on the same loop (ratios printed):
 * throughput (image bytes per second);
 * peak RSS above the process's RSS before the phase, sampled every 5 ms,
   against the bound the library promises: for a backup the writer's buffer
-  pool (``WriterStats.bound``) plus the image read-ahead (two 4 MiB chunks
-  in flight per device, clipped to the image size); for a restore the
+  pool (``WriterStats.bound``) plus each device's read buffer (one group of
+  ``PACK_GROUP`` clusters: raw images are read and packed 512 KiB at a
+  time); for a restore the
   reader's batch plus two queued extents per sink;
 * the event loop's worst stall: a task asks to sleep 1 ms and records how
   late it wakes.
@@ -38,10 +39,9 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vma_async import MAX_EXTENT_SIZE, create_archive, extract_archive
-from vma_async._backup import READ_CHUNK
+from vma_async import CLUSTER_SIZE, MAX_EXTENT_SIZE, create_archive, extract_archive
 from vma_async._reader import _BATCH_BYTES, _SINK_QUEUE
-from vma_async._writer import BUFFER_SIZE, DEFAULT_BUFFER_COUNT
+from vma_async._writer import BUFFER_SIZE, DEFAULT_BUFFER_COUNT, PACK_GROUP
 
 DEVICES = 4
 IMAGE_SIZE = 2 << 20
@@ -164,8 +164,8 @@ async def main(jobs: int) -> None:
             )
             shutil.rmtree(directory)
 
-        read_ahead = DEVICES * 2 * min(READ_CHUNK, IMAGE_SIZE)
-        backup_bound = DEFAULT_BUFFER_COUNT * BUFFER_SIZE + read_ahead
+        read_buffers = DEVICES * PACK_GROUP * CLUSTER_SIZE
+        backup_bound = DEFAULT_BUFFER_COUNT * BUFFER_SIZE + read_buffers
         restore_bound = _BATCH_BYTES + DEVICES * _SINK_QUEUE * MAX_EXTENT_SIZE
         for name, bound in (("backup", backup_bound), ("restore", restore_bound)):
             report(name, jobs, results[name]["concurrent"], results[name]["serial"], bound)

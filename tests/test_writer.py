@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import pytest
 import zstandard
@@ -763,18 +764,30 @@ async def test_write_clusters_from_writes_what_write_clusters_writes(tmp_path: P
     assert all(locked for _, _, locked in asks)
 
 
+@pytest.mark.parametrize("target", ["file", "exec"])
 async def test_write_clusters_from_queues_everything_when_read_never_waits(
-    tmp_path: Path,
+    tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two producers taking turns on the lock: a call whose ``read`` never
     says wait queues all its clusters, whatever the other producer did to
     the open extent in between (a full extent sealed by the other producer
-    once looked like a wait)."""
+    once looked like a wait).  Into a file (written by the output thread) the
+    worker thread rolls over to the next extent itself; into a command it
+    never does (sealed extents there are written by the event loop)."""
     rng = random.Random(10)
     images = {f"drive-scsi{n}": make_image(300 * CLUSTER, "random", rng) for n in range(2)}
     returned: list[tuple[int, int]] = []
+    rolls: list[bool] = []
+    real_roll_over = VmaWriter._roll_over
 
-    async with VmaWriter.open(tmp_path / "a.vma", uuid=UUID, ctime=CTIME) as writer:
+    def counting_roll_over(self: VmaWriter) -> bool:
+        rolls.append(real_roll_over(self))
+        return rolls[-1]
+
+    monkeypatch.setattr(VmaWriter, "_roll_over", counting_roll_over)
+    path = tmp_path / "a.vma"
+    out = str(path) if target == "file" else f"exec:cat > {path}"
+    async with VmaWriter.open(out, uuid=UUID, ctime=CTIME) as writer:
         ids = {name: writer.register_stream(name, len(data)) for name, data in images.items()}
 
         async def one(name: str, data: bytes) -> None:
@@ -790,7 +803,35 @@ async def test_write_clusters_from_queues_everything_when_read_never_waits(
             for name, data in images.items():
                 tg.start_soon(one, name, data)
     assert returned == [(150, 150)] * 4
-    assert_archive(await anyio.Path(tmp_path / "a.vma").read_bytes(), images, {})
+    assert_archive(await anyio.Path(path).read_bytes(), images, {})
+    assert any(rolls) is (target == "file")
+
+
+async def test_an_abort_while_write_clusters_from_reads_stops_it(
+    tmp_path: Path, fd_leaks: FdLeakCheck
+) -> None:
+    """The archive is aborted (from the event loop) while the worker thread
+    is in ``read``: the call raises the sticky error, the file is removed,
+    and no thread or fd is left."""
+    fds = fd_leaks.snapshot()
+    data = make_image(200 * CLUSTER, "random", random.Random(11))
+
+    async def back_up() -> None:
+        async with VmaWriter.open(tmp_path / "a.vma", uuid=UUID) as writer:
+            dev_id = writer.register_stream("drive-scsi0", len(data))
+
+            def read(cluster_num: int, n: int) -> tuple[bytes, None]:
+                if cluster_num >= 100:
+                    anyio.from_thread.run(writer.abort)
+                return data[cluster_num * CLUSTER : (cluster_num + n) * CLUSTER], None
+
+            await writer.write_clusters_from(dev_id, 0, 200, read)
+
+    with pytest.raises(WriterAbortedError, match=r"^vma archive aborted$"):
+        await back_up()
+    assert not (tmp_path / "a.vma").exists()
+    assert _output_threads() == []
+    fd_leaks.assert_same(fds)
 
 
 async def test_write_clusters_from_returns_how_many_were_queued(tmp_path: Path) -> None:

@@ -303,6 +303,13 @@ def _clear(view: memoryview, start: int, end: int, has_data: list[bool], everyth
         view[tail_start:end] = _ZEROS[: end - tail_start]
 
 
+PACK_STEP = 4 * READ_CHUNK
+"""Clusters per ``write_clusters_from`` call of a backup nobody watches
+(16 MiB): each call is a trip to the event loop and back, about 0.25 ms
+(measured, issue 10); 4 MiB steps made a 4 GiB create 0.1-0.25 s slower,
+64 MiB steps no faster.  The writer's lock is held for one call at most,
+so devices still take turns."""
+
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 """Linux 4.14+ (0 elsewhere: then :class:`_CachedClusters` waits for every group)."""
 
@@ -516,11 +523,13 @@ async def _pack_image(
     """A raw image without a digest: read and packed in one worker thread,
     512 KiB at a time, while the bytes are in the CPU's cache (see
     :meth:`VmaWriter.write_clusters_from`).  Only what the page cache holds
-    is read under the writer's lock; the rest is waited for outside it."""
+    is read under the writer's lock; the rest is waited for outside it.
+    One call per 4 MiB when progress is reported, else per :data:`PACK_STEP`."""
     clusters = _CachedClusters(image, size, file_end)
-    for offset in range(0, size, READ_CHUNK):
+    step = READ_CHUNK if tracker is not None else PACK_STEP
+    for offset in range(0, size, step):
         first = offset // CLUSTER_SIZE
-        count = -(-min(READ_CHUNK, size - offset) // CLUSTER_SIZE)
+        count = -(-min(step, size - offset) // CLUSTER_SIZE)
         done = 0
         while done < count:
             done += await writer.write_clusters_from(

@@ -14,6 +14,13 @@ the lock.  Memory held is therefore bounded by the pool whatever the archive
 size, and ``stats`` records the high-water mark and how often producers
 waited, so tests can assert the bound from the writer's own counters.
 
+Producers that read files use :meth:`VmaWriter.write_clusters_from`: the
+packing then runs in a worker thread, under the same lock, right after each
+512 KiB read (the bytes are still in that core's cache), and that thread
+seals full extents and takes free buffers itself when an output thread
+writes them; the pool's books are then shared with the event loop under a
+small ``threading.RLock`` (``_books``).
+
 Who writes the output.  *Whoever holds the output lock* drains the FIFO
 (:meth:`VmaWriter._drain`).  Used as ``async with VmaWriter.open(t) as w``,
 the writer enters its own task group in ``__aenter__`` and starts an output
@@ -361,9 +368,11 @@ class VmaWriter(AsyncResource):
         chunks in one thread and packing them in another sent every byte
         through main memory twice more, and the archive's ``O_DIRECT`` writes
         compete with those copies for memory bandwidth: a 4 GiB create went
-        from 2.0-2.4 s to 1.5-1.9 s.  The lock is held for at most one
-        extent's worth of reads.  A call that fails or is cancelled part way
-        may have queued the leading clusters, as with :meth:`write_clusters`.
+        from 2.0-2.4 s to 1.5-1.9 s.  The lock is held for the whole call
+        (other producers take turns between calls), and the worker rolls
+        over to the next extent itself where it can (:meth:`_roll_over`).  A
+        call that fails or is cancelled part way may have queued the leading
+        clusters, as with :meth:`write_clusters`.
         """
         await anyio.lowlevel.checkpoint()
         done = 0

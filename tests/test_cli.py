@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time as time_module
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -725,3 +726,24 @@ async def test_progress_lines_are_written_off_the_event_loop(
     assert [line.split(" (")[0] for line in lines] == [f"progress {p}%" for p in range(1, 101)]
     assert stream.threads
     assert threading.get_ident() not in stream.threads
+
+
+@pytest.mark.anyio
+async def test_progress_duration_counts_whole_seconds_as_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reference prints ``time(NULL) - start_time``: whole seconds on
+    both sides, so 0.2 s that cross a second boundary read "duration 1 sec"
+    (and 0.9 s that do not, "0 sec")."""
+    stream = _ThreadRecordingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    times = [100.9, 101.1, 101.8, 102.0]  # the start, then one per report
+    monkeypatch.setattr(time_module, "time", lambda: times.pop(0))
+    reporter = ReadReporter("lines", [DeviceInfo(1, "d", 100 * CLUSTER_SIZE)], "verify")
+    for done in (1, 2, 3):
+        await reporter(Progress("verify", done * CLUSTER_SIZE, 100 * CLUSTER_SIZE, 0, 0, 0.0, ()))
+    assert stream.text.splitlines() == [
+        "progress 1% (read 65536 bytes, duration 1 sec)",
+        "progress 2% (read 131072 bytes, duration 1 sec)",
+        "progress 3% (read 196608 bytes, duration 2 sec)",
+    ]

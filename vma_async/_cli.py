@@ -621,7 +621,9 @@ class ReadReporter:
         self._cluster_count = sum(dev.size // CLUSTER_SIZE for dev in counted)
         self._clusters = 0
         self._percent = 0
-        self._start = time.time()
+        # Whole seconds, as the reference's time(NULL): its "duration" is the
+        # number of second boundaries crossed since the start.
+        self._start = int(time.time())
         self._bar = ProgressBar(sys.stderr, label) if mode == "bar" else None
         self._bar_due = 0.0
 
@@ -646,7 +648,7 @@ class ReadReporter:
             return
         if self._mode != "lines" or not self._cluster_count:
             return
-        duration = int(time.time() - self._start)
+        duration = int(time.time()) - self._start
         out = []
         for clusters in range(self._clusters + 1, read + 1):
             percent = clusters * 100 // self._cluster_count

@@ -47,7 +47,6 @@ from pathlib import Path
 MIB = 1 << 20
 CLUSTER = 64 << 10
 CHUNK = 4 * MIB
-HEARTBEAT = 0.005
 REPO = Path(__file__).resolve().parent.parent
 VMA = [sys.executable, "-m", "vma_async"]
 
@@ -71,17 +70,11 @@ def library_child(backend: str, mode: str, out: str, images: list[str]) -> dict[
     """What a backup daemon does: a writer, one producer task per disk."""
     import anyio
     import anyio.to_thread
+    from _heartbeat import Heartbeat
 
     from vma_async import VmaWriter
 
-    worst_stall = 0.0
-
-    async def heartbeat(done: anyio.Event) -> None:
-        nonlocal worst_stall
-        while not done.is_set():
-            start = time.perf_counter()
-            await anyio.sleep(HEARTBEAT)
-            worst_stall = max(worst_stall, time.perf_counter() - start - HEARTBEAT)
+    heartbeat = Heartbeat()
 
     async def produce_from(writer: VmaWriter, dev_id: int, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -140,7 +133,7 @@ def library_child(backend: str, mode: str, out: str, images: list[str]) -> dict[
     async def main() -> float:
         done = anyio.Event()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(heartbeat, done)
+            tg.start_soon(heartbeat.run, done)
             start = time.perf_counter()
             async with VmaWriter.open(out) as writer:
                 ids = [
@@ -157,7 +150,7 @@ def library_child(backend: str, mode: str, out: str, images: list[str]) -> dict[
     elapsed = anyio.run(
         main, backend="asyncio" if backend == "uvloop" else backend, backend_options=options
     )
-    return {"inside_s": elapsed, "stall_ms": worst_stall * 1000}
+    return {"inside_s": elapsed, "stall_ms": heartbeat.worst * 1000}
 
 
 # --- the parent ---------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ CHUNK_CLUSTERS = 64
 READ_RING = 3
 """Chunk buffers the reader thread cycles through (reading, queued, being
 written); the writer copies a cluster before ``write`` returns."""
-HEARTBEAT = 0.005
 
 
 def make_image(path: Path, size: int) -> None:
@@ -67,6 +66,7 @@ def idle_stalls(seconds: float = 2.0) -> list[float]:
     """The heartbeat alone on an idle asyncio loop: the machine's own stall
     floor (other processes' load, scheduling), to read the table against."""
     import anyio
+    from _heartbeat import HEARTBEAT
 
     async def main() -> list[float]:
         stalls = []
@@ -85,12 +85,13 @@ def run_case(backend: str, image: str, out: str, mode: str) -> dict[str, float]:
     import anyio
     import anyio.from_thread
     import anyio.to_thread
+    from _heartbeat import Heartbeat
 
     from vma_async import NewFileTarget, VmaWriter
 
     size = os.path.getsize(image)
     clusters = (size + CLUSTER - 1) // CLUSTER
-    worst_stall = 0.0
+    heartbeat = Heartbeat()
 
     ring = [[bytearray(CLUSTER) for _ in range(CHUNK_CLUSTERS)] for _ in range(READ_RING)]
     free_slots = threading.Semaphore(READ_RING)
@@ -112,19 +113,12 @@ def run_case(backend: str, image: str, out: str, mode: str) -> dict[str, float]:
         finally:
             anyio.from_thread.run_sync(send.close)
 
-    async def heartbeat(done: anyio.Event) -> None:
-        nonlocal worst_stall
-        while not done.is_set():
-            start = time.perf_counter()
-            await anyio.sleep(HEARTBEAT)
-            worst_stall = max(worst_stall, time.perf_counter() - start - HEARTBEAT)
-
     async def main() -> float:
         done = anyio.Event()
         fd = os.open(image, os.O_RDONLY)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(heartbeat, done)
+                tg.start_soon(heartbeat.run, done)
                 start, start_cpu = time.perf_counter(), time.thread_time()
                 target = NewFileTarget(out, direct=mode == "direct")
                 async with VmaWriter.open(target) as writer:
@@ -168,7 +162,7 @@ def run_case(backend: str, image: str, out: str, mode: str) -> dict[str, float]:
         "bytes": size,
         "archive_bytes": os.path.getsize(out),
         "rss_mib": peak_rss_mib(),
-        "stall_ms": worst_stall * 1000,
+        "stall_ms": heartbeat.worst * 1000,
         "producer_waits": stats["waits"],
         "direct": stats["direct"],
         "loop_cpu_pct": 100 * stats["loop_pct"],

@@ -76,54 +76,47 @@ def library_child(backend: str, mode: str, out: str, images: list[str]) -> dict[
 
     heartbeat = Heartbeat()
 
-    async def produce_from(writer: VmaWriter, dev_id: int, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            group = bytearray(8 * CLUSTER)
+    async def pack_from_reads(writer: VmaWriter, dev_id: int, fd: int, size: int) -> None:
+        group = bytearray(8 * CLUSTER)
 
-            def read(cluster_num: int, n: int) -> tuple[bytearray, None]:
-                os.preadv(fd, [memoryview(group)[: n * CLUSTER]], cluster_num * CLUSTER)
-                return group, None
+        def read(cluster_num: int, n: int) -> tuple[bytearray, None]:
+            os.preadv(fd, [memoryview(group)[: n * CLUSTER]], cluster_num * CLUSTER)
+            return group, None
 
-            for offset in range(0, size, CHUNK):
-                count = -(-min(CHUNK, size - offset) // CLUSTER)
-                await writer.write_clusters_from(dev_id, offset // CLUSTER, count, read)
-            await writer.close_stream(dev_id)
-        finally:
-            os.close(fd)
+        for offset in range(0, size, CHUNK):
+            count = -(-min(CHUNK, size - offset) // CLUSTER)
+            await writer.write_clusters_from(dev_id, offset // CLUSTER, count, read)
+
+    async def pack_from_ring(writer: VmaWriter, dev_id: int, fd: int, size: int) -> None:
+        ring = [bytearray(CHUNK) for _ in range(3)]
+        send, receive = anyio.create_memory_object_stream[tuple[int, bytearray, int]](1)
+
+        async def read_ahead() -> None:
+            async with send:
+                for n, offset in enumerate(range(0, size, CHUNK)):
+                    buf = ring[n % len(ring)]  # free again: two chunks behind
+                    got = await anyio.to_thread.run_sync(os.preadv, fd, [buf], offset)
+                    await send.send((offset, buf, got))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_ahead)
+            async with receive:
+                async for offset, buf, got in receive:
+                    data = buf if got == CHUNK else buf[:got]
+                    first = offset // CLUSTER
+                    if mode == "write_clusters":
+                        await writer.write_clusters(dev_id, first, data)
+                    else:
+                        view = memoryview(data)
+                        for i in range(0, got, CLUSTER):
+                            await writer.write(dev_id, first + i // CLUSTER, view[i : i + CLUSTER])
 
     async def produce(writer: VmaWriter, dev_id: int, path: str) -> None:
-        if mode == "write_clusters_from":
-            await produce_from(writer, dev_id, path)
-            return
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            ring = [bytearray(CHUNK) for _ in range(3)]
-            send, receive = anyio.create_memory_object_stream[tuple[int, bytearray, int]](1)
-
-            async def read_ahead() -> None:
-                async with send:
-                    for n, offset in enumerate(range(0, size, CHUNK)):
-                        buf = ring[n % len(ring)]  # free again: two chunks behind
-                        got = await anyio.to_thread.run_sync(os.preadv, fd, [buf], offset)
-                        await send.send((offset, buf, got))
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(read_ahead)
-                async with receive:
-                    async for offset, buf, got in receive:
-                        data = buf if got == CHUNK else buf[:got]
-                        first = offset // CLUSTER
-                        if mode == "write_clusters":
-                            await writer.write_clusters(dev_id, first, data)
-                        else:
-                            view = memoryview(data)
-                            for i in range(0, got, CLUSTER):
-                                await writer.write(
-                                    dev_id, first + i // CLUSTER, view[i : i + CLUSTER]
-                                )
+            pack = pack_from_reads if mode == "write_clusters_from" else pack_from_ring
+            await pack(writer, dev_id, fd, size)
             await writer.close_stream(dev_id)
         finally:
             os.close(fd)

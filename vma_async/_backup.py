@@ -100,6 +100,16 @@ class Image:
         finally:
             self.close()
 
+    def _data_runs(self) -> _DataMap:
+        """Where the raw file holds data (made on first use, then remembered)."""
+        if self.data_map is None:
+            self.data_map = _DataMap(self.fd)
+        return self.data_map
+
+    def _read_error(self, offset: int, exc: OSError) -> SourceError:
+        """The error for a failed read at ``offset``, naming the image."""
+        return SourceError(f"read error on '{self.path}' at offset {offset} - {exc.strerror}")
+
     async def read_chunk(
         self,
         offset: int,
@@ -115,8 +125,6 @@ class Image:
         :func:`_read_chunk`); qemu-nbd's replies come in buffers of their own."""
         if self.qemu is not None:
             return await self.qemu.read_chunk(offset, length)
-        if self.data_map is None:
-            self.data_map = _DataMap(self.fd)
         return await anyio.to_thread.run_sync(
             functools.partial(
                 _read_chunk,
@@ -126,7 +134,7 @@ class Image:
                 file_end,
                 buf,
                 zero_holes=zero_holes,
-                data_map=self.data_map,
+                data_map=self._data_runs(),
             )
         )
 
@@ -339,9 +347,7 @@ class _CachedClusters:
         self._size = size
         self._file_end = file_end
         self._buf = bytearray(PACK_GROUP * CLUSTER_SIZE)
-        if image.data_map is None:
-            image.data_map = _DataMap(image.fd)
-        self._data_map = image.data_map
+        self._data_map = image._data_runs()
         self._nowait = _RWF_NOWAIT
         self._ready: tuple[int, _Chunk] | None = None
         self._prefetched = 0
@@ -361,7 +367,7 @@ class _CachedClusters:
             return None
         except OSError as exc:
             if exc.errno != errno.EOPNOTSUPP:
-                raise self._error(cluster_num, exc) from exc
+                raise self._image._read_error(cluster_num * CLUSTER_SIZE, exc) from exc
             self._nowait = 0
             return None
         self._read_bytes += read
@@ -380,7 +386,7 @@ class _CachedClusters:
         try:
             chunk = self._read(cluster_num, min(count, PACK_GROUP), 0)
         except OSError as exc:
-            raise self._error(cluster_num, exc) from exc
+            raise self._image._read_error(cluster_num * CLUSTER_SIZE, exc) from exc
         self._read_bytes += chunk[2]
         self._ready = (cluster_num, chunk)
 
@@ -401,12 +407,6 @@ class _CachedClusters:
             zero_holes=False,
             data_map=self._data_map,
             flags=flags,
-        )
-
-    def _error(self, cluster_num: int, exc: OSError) -> SourceError:
-        return SourceError(
-            f"read error on '{self._image.path}' at offset {cluster_num * CLUSTER_SIZE}"
-            f" - {exc.strerror}"
         )
 
 
@@ -584,9 +584,7 @@ async def _read_ahead_and_pack(
                         offset, length, file_end, ring_buf, zero_holes=digest is not None
                     )
                 except OSError as exc:
-                    raise SourceError(
-                        f"read error on '{opened.path}' at offset {offset} - {exc.strerror}"
-                    ) from exc
+                    raise opened._read_error(offset, exc) from exc
                 pending = ()
                 if digest is not None:
                     pending = await anyio.to_thread.run_sync(
